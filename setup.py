@@ -1,0 +1,51 @@
+"""Packaging for the drop-in ``clip`` package.
+
+The distribution is named ``clip-dropin`` so that it never collides with the unrelated PyPI project called
+``clip``; it installs the importable package ``clip``. Nothing from the package is imported here: the version
+is read from ``clip/__init__.py`` as text.
+"""
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+
+def read_version() -> str:
+    text = (HERE / "clip" / "__init__.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def read_requirements() -> list:
+    lines = (HERE / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="clip-dropin",
+    version=read_version(),
+    description="A fast, trustworthy drop-in replacement for OpenAI's CLIP package",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(exclude=["tests*", "benchmarks*"]),
+    install_requires=read_requirements(),
+    extras_require={
+        "safetensors": ["safetensors>=0.4"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "numpy",
+            "safetensors>=0.4",
+            "nbclient>=0.7",
+            "nbformat>=5",
+            "ipykernel",
+            "transformers>=4.30",
+            "open_clip_torch>=2.20",
+        ],
+    },
+    entry_points={"console_scripts": ["clip=clip._cli:main"]},
+    include_package_data=True,
+)
