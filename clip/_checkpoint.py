@@ -1,0 +1,244 @@
+"""Reading checkpoint files into plain state dicts, without running TorchScript or arbitrary pickled code.
+
+One entry point, :func:`read_state_dict`, serves both load paths. It recognises
+
+- release TorchScript archives: the module tree in ``data.pkl`` is unpickled by a restricted unpickler that can
+  only rebuild tensors (from the zip's ``data/<key>`` entries) and record attribute names; the TorchScript code
+  and constants are never read;
+- plain ``torch.save`` files, read with ``weights_only=True`` (memory-mapped when they are zip files);
+- wrapped checkpoints ``{"state_dict": ...}`` or ``{"model": ...}`` and a DataParallel ``module.`` prefix.
+"""
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any, BinaryIO, Dict, Optional
+
+import torch
+
+__all__ = ["CheckpointError", "read_state_dict", "is_torchscript_archive"]
+
+StateDict = Dict[str, torch.Tensor]
+
+# The legacy typed-storage class names that archives name in their persistent ids, and the dtype each holds.
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+# A zip local file header is 30 bytes; its name and extra-field lengths are the two uint16 at offset 26.
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A file that cannot be read as a CLIP checkpoint; the message names the file and what was expected."""
+
+
+def read_state_dict(path: str) -> StateDict:
+    """Read a checkpoint file into a flat ``{key: tensor}`` dict on the CPU.
+
+    Tensors may share memory with each other (views) and, for plain ``torch.save`` zip files, with a memory map
+    of the file: callers that keep them copy them (``build_model`` does).
+
+    Raises
+    ------
+    FileNotFoundError, IsADirectoryError
+        When ``path`` does not name a file.
+    CheckpointError
+        When the file is empty, truncated, not a checkpoint, wants to run code, or holds no tensors.
+    """
+    path = os.fspath(path)
+    _check_is_file(path)
+    if zipfile.is_zipfile(path):
+        if is_torchscript_archive(path):
+            state_dict = _read_archive(path)
+        else:
+            state_dict = _torch_load(path, mmap=True)
+    else:
+        state_dict = _torch_load(path, mmap=False)
+    return _unwrap(state_dict, path)
+
+
+def _check_is_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; expected a checkpoint file (.pt, .pth) or a release name "
+                                f"from clip.available_models()")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; expected a file path or a release name from "
+                                f"clip.available_models()")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), probably from an interrupted download or copy; "
+                              f"delete it and fetch it again")
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with ``code/`` or ``constants.pkl``), as releases are."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _torch_load(path: str, *, mmap: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds pickled objects other than tensors, and loading them could run arbitrary code; "
+                f"refusing it. Save the weights alone with torch.save(model.state_dict(), path)") from e
+        raise _not_a_checkpoint(path) from e
+    except (EOFError, RuntimeError, zipfile.BadZipFile, struct.error, ValueError) as e:
+        raise _not_a_checkpoint(path, e) from e
+
+
+def _not_a_checkpoint(path: str, cause: Optional[BaseException] = None) -> CheckpointError:
+    size = os.path.getsize(path)
+    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    return CheckpointError(
+        f"{path} ({size:,} bytes) is not a readable CLIP checkpoint{why}; expected a release TorchScript archive or "
+        f"a torch.save state dict. If it was downloaded, it may be truncated: delete it and fetch it again")
+
+
+def _unwrap(obj: Any, path: str) -> StateDict:
+    """The state dict inside a checkpoint: unwrap ``state_dict``/``model`` entries and a ``module.`` prefix."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds a dict without tensors (keys: {', '.join(map(str, list(obj)[:10]))}); "
+                              f"expected a state dict")
+    prefix = "module."
+    if all(k.startswith(prefix) for k in tensors):
+        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    return tensors
+
+
+class _ArchivedObject:
+    """Stands in for any ``__torch__.*`` object of an archive: it keeps the attribute dict it is unpickled with."""
+
+    def __init__(self) -> None:
+        self.attributes: Dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        self.attributes = state if isinstance(state, dict) else {}
+
+
+class _Storage:
+    """A storage class named in a persistent id; only its dtype matters."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_unused: Any) -> torch.Tensor:
+    return storage.as_strided(size, stride, offset)
+
+
+def _identity(value: Any, *_unused: Any) -> Any:
+    return value
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles an archive's ``data.pkl`` allowing nothing but tensors, storages and module placeholders."""
+
+    def __init__(self, file: BinaryIO, load_storage) -> None:
+        super().__init__(file)
+        self._load_storage = load_storage
+        self._storages: Dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__"):
+            return _ArchivedObject
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _Storage(_STORAGE_DTYPES[name])
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
+            return _identity  # typed list and dict wrappers: the plain value is all we need
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a checkpoint archive may only hold tensors")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        if key not in self._storages:
+            self._storages[key] = self._load_storage(str(key), storage_type.dtype, int(numel))
+        return self._storages[key]
+
+
+def _read_archive(path: str) -> StateDict:
+    """The tensors of a TorchScript archive, keyed by their dotted module paths, without running TorchScript."""
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            data_pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if data_pkl is None:
+                raise CheckpointError(f"{path} is a TorchScript archive without data.pkl; it is damaged")
+            top = data_pkl.rsplit("/", 1)[0]
+
+            def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+                return _read_entry(archive, raw, f"{top}/data/{key}", dtype, numel, path)
+
+            with archive.open(data_pkl) as f:
+                root = _ArchiveUnpickler(f, load_storage).load()
+    except (zipfile.BadZipFile, EOFError, KeyError, struct.error) as e:
+        raise _not_a_checkpoint(path, e) from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {e}; refusing it") from e
+    if not isinstance(root, _ArchivedObject):
+        raise CheckpointError(f"{path} is a TorchScript archive, but its data.pkl holds no module")
+    state_dict: StateDict = {}
+    _collect_tensors(root, "", state_dict)
+    return state_dict
+
+
+def _collect_tensors(obj: _ArchivedObject, prefix: str, out: StateDict) -> None:
+    """Walk the module tree, joining attribute names with dots: the paths are the state-dict keys."""
+    for name, value in obj.attributes.items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, _ArchivedObject):
+            _collect_tensors(value, f"{prefix}{name}.", out)
+
+
+def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch.dtype, numel: int,
+                path: str) -> torch.Tensor:
+    """Read one storage entry into a new CPU tensor of ``numel`` elements, straight from the file."""
+    info = archive.getinfo(name)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if info.file_size != nbytes:
+        raise CheckpointError(f"{path}: entry {name} has {info.file_size} bytes, expected {nbytes}; it is damaged")
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    buffer = bytearray(nbytes)
+    if info.compress_type == zipfile.ZIP_STORED:
+        # Archives store tensors uncompressed: read them in one call into the final buffer, without zipfile's
+        # intermediate copies.
+        raw.seek(info.header_offset)
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: entry {name} has a broken header; the file is damaged")
+        raw.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+        received = raw.readinto(buffer)
+    else:
+        with archive.open(info) as f:
+            received = f.readinto(buffer)
+    if received != nbytes:
+        raise CheckpointError(f"{path} is truncated: entry {name} has {received} of {nbytes} bytes; "
+                              f"delete the file and fetch it again")
+    return torch.frombuffer(buffer, dtype=dtype)

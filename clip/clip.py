@@ -1,0 +1,168 @@
+"""The original's entry points: the model registry, downloading, ``load``, ``tokenize`` and preprocessing.
+
+``load`` reads top to bottom: resolve the device, find the checkpoint file (downloading a release if needed),
+then either the TorchScript path (``_jit``) or the plain path: read the state dict (``_checkpoint``) and build
+the model straight into its final device and dtype (``model``).
+"""
+import difflib
+import os
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+from . import _download as _downloads
+from ._checkpoint import CheckpointError, read_state_dict
+from .model import CLIP, model_from_state_dict
+from .simple_tokenizer import tokenize
+
+__all__ = ["available_models", "load", "tokenize"]
+
+BICUBIC = InterpolationMode.BICUBIC
+
+# The release checkpoints. The folder in each URL is the SHA-256 of the file, which downloads are verified against.
+_MODELS = {
+    "RN50": "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": "https://openaipublic.azureedge.net/clip/models/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": "https://openaipublic.azureedge.net/clip/models/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": "https://openaipublic.azureedge.net/clip/models/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": "https://openaipublic.azureedge.net/clip/models/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+
+# The ImageNet-like statistics CLIP's training images were normalised with.
+_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def available_models() -> List[str]:
+    """The names of the release models, as accepted by :func:`load`."""
+    return list(_MODELS.keys())
+
+
+def _download(url: str, root: Optional[str] = None) -> str:
+    """Download ``url`` into ``root`` (default: the cache folder) unless a verified copy is there; return its path.
+
+    The expected SHA-256 is the URL's second-to-last path segment. See ``clip._download`` for the details:
+    atomic writes, resume, retries, mirrors, a lock between processes and a verified-once record.
+    """
+    return _downloads.download(url, root)
+
+
+def verify_cache(download_root: Optional[str] = None) -> list:
+    """Re-hash every recorded file in the cache folder and report each; see ``clip._download.verify_cache``."""
+    return _downloads.verify_cache(download_root)
+
+
+def _convert_image_to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+def _transform(n_px: int) -> Compose:
+    """The preprocessing for ``n_px`` x ``n_px`` inputs: resize the short side, center-crop, RGB, normalise.
+
+    The RGB conversion comes after the crop, as in the original, so palette and RGBA images give the same tensors.
+    """
+    return Compose([
+        Resize(n_px, interpolation=BICUBIC),
+        CenterCrop(n_px),
+        _convert_image_to_rgb,
+        ToTensor(),
+        Normalize(_MEAN, _STD),
+    ])
+
+
+def load(name: str,
+         device: Union[str, torch.device, None] = None,
+         jit: bool = False,
+         download_root: Optional[str] = None) -> Tuple[Union[CLIP, torch.jit.ScriptModule], Compose]:
+    """Load a CLIP model.
+
+    Parameters
+    ----------
+    name : str
+        A model name listed by :func:`available_models` (also spelled as its file, ``"ViT-B-32"``, in any case),
+        or the path to a checkpoint: a release archive, a ``torch.save`` state dict, or a wrapped checkpoint
+        (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` prefixes).
+    device : str or torch.device, optional
+        Where to put the model; default ``"cuda"`` if available, else ``"cpu"``, decided at call time.
+    jit : bool
+        Load the release's TorchScript archive (patched to run on ``device``) instead of the plain model.
+    download_root : str, optional
+        The cache folder for downloads; default ``$CLIP_CACHE_DIR``, else ``$XDG_CACHE_HOME/clip``, else
+        ``~/.cache/clip``.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        The model in eval mode: on CUDA with the release's float16 weights, elsewhere in float32.
+    preprocess : torchvision.transforms.Compose
+        Turns a PIL image into the input tensor the model expects.
+    """
+    device = _resolve_device(device)
+    path = _checkpoint_path(name, download_root)
+
+    if jit:
+        from . import _jit  # TorchScript only for those who ask for it
+
+        jit_model = _jit.load_jit(path, device)
+        if jit_model is not None:
+            return jit_model, _transform(_jit.input_resolution(jit_model))
+
+    model = _build(path, device)
+    return model, _transform(model.visual.input_resolution)
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _checkpoint_path(name: str, download_root: Optional[str]) -> str:
+    """The local file for a release name (downloaded into the cache if needed) or a path."""
+    # Looked up at call time: clients replace clip.clip._MODELS and clip.clip._download.
+    release = _release_name(name, _MODELS)
+    if release is not None:
+        return _download(_MODELS[release], _downloads.cache_dir(download_root))
+    if os.path.exists(name):
+        return name
+    close = difflib.get_close_matches(_normalise(name), [_normalise(m) for m in _MODELS], n=3, cutoff=0.5)
+    suggestion = [m for m in _MODELS if _normalise(m) in close]
+    hint = f" Did you mean {' or '.join(map(repr, suggestion))}?" if suggestion else ""
+    raise RuntimeError(f"Model {name} not found.{hint} Available models = {available_models()}; "
+                       f"a checkpoint can also be given by its file path")
+
+
+def _normalise(name: str) -> str:
+    """A name in a comparable form: case-insensitive, the file spelling ("ViT-B-32") equal to the registry's."""
+    return name.lower().replace("/", "-").replace("@", "-")
+
+
+def _release_name(name: str, models: dict) -> Optional[str]:
+    if name in models:
+        return name
+    wanted = _normalise(os.fspath(name))
+    return next((m for m in models if _normalise(m) == wanted), None)
+
+
+def _build(path: str, device: torch.device) -> CLIP:
+    """The plain model from a checkpoint file, its tensors converted once, straight to their device and dtype."""
+    state_dict = read_state_dict(path)
+    try:
+        return model_from_state_dict(state_dict, device=device, half=device.type == "cuda", consume=True)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a CLIP checkpoint: {e}") from e
+
+
+def __getattr__(name: str) -> Any:
+    # The original built a module-level tokenizer at import; ours is made on first use by clients that touch it.
+    if name == "_tokenizer":
+        from .simple_tokenizer import _default_tokenizer
+
+        return _default_tokenizer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
