@@ -16,6 +16,8 @@ from typing import Any, BinaryIO, Dict, Optional
 
 import torch
 
+from . import _formats
+
 __all__ = ["CheckpointError", "read_state_dict", "is_torchscript_archive"]
 
 StateDict = Dict[str, torch.Tensor]
@@ -56,21 +58,22 @@ def read_state_dict(path: str) -> StateDict:
         When the file is empty, truncated, not a checkpoint, wants to run code, or holds no tensors.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return _formats.read_folder(path)
     _check_is_file(path)
-    if zipfile.is_zipfile(path):
+    if _formats.is_safetensors(path):
+        state_dict = _formats.read_safetensors(path)
+    elif zipfile.is_zipfile(path):
         if is_torchscript_archive(path):
             state_dict = _read_archive(path)
         else:
             state_dict = _torch_load(path, mmap=True)
     else:
         state_dict = _torch_load(path, mmap=False)
-    return _unwrap(state_dict, path)
+    return _formats.to_openai_layout(_unwrap(state_dict, path), path)
 
 
 def _check_is_file(path: str) -> None:
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory; expected a checkpoint file (.pt, .pth) or a release name "
-                                f"from clip.available_models()")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; expected a file path or a release name from "
                                 f"clip.available_models()")
