@@ -359,16 +359,32 @@ class CLIP(nn.Module):
         return self.visual(image.type(self.dtype))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Text features: the transformer output at each row's end-of-text token, projected.
+
+        The causal mask means the end-of-text position never sees later positions, so the transformer runs only
+        up to the longest end-of-text position of the batch; the features are the same. When any hook is
+        registered on the text path (``transformer``, its blocks, ``ln_final``), while tracing or compiling, the
+        full ``context_length`` is computed, so hooks see exactly the original's shapes.
+        """
         x = self.token_embedding(text).type(self.dtype)  # [N, n_ctx, d_model]
-        x = x + self.positional_embedding.type(self.dtype)
+        eot = text.argmax(dim=-1)  # [N]: the end-of-text token has the highest id in each row
+        length = x.shape[1] if self._text_path_observed() else int(eot.max()) + 1
+        x = x[:, :length] + self.positional_embedding[:length].type(self.dtype)  # [N, length, d_model]
         x = x.permute(1, 0, 2)  # NLD -> LND
         x = self.transformer(x)
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_final(x).type(self.dtype)
 
-        # The end-of-text token has the highest id in each row; its output, projected, is the text feature.
-        x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection  # [N, embed_dim]
+        x = x[torch.arange(x.shape[0]), eot] @ self.text_projection  # [N, embed_dim]
         return x
+
+    def _text_path_observed(self) -> bool:
+        """Whether anything may look at the text activations' shapes, so they must stay full length."""
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or _is_compiling():
+            return True  # a trace or graph would bake in this batch's length
+        if _has_global_hooks():
+            return True
+        return any(_has_hooks(m) for m in (*self.transformer.modules(), self.ln_final))
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         image_features = self.encode_image(image)
@@ -381,6 +397,22 @@ class CLIP(nn.Module):
         logits_per_image = logit_scale * image_features @ text_features.t()  # [N_image, N_text]
         logits_per_text = logits_per_image.t()  # [N_text, N_image]
         return logits_per_image, logits_per_text
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _has_global_hooks() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or getattr(hooks, "_global_backward_pre_hooks", None))
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def convert_weights(model: nn.Module) -> None:
@@ -494,6 +526,22 @@ def _empty_model(dims: ModelDims, *, half: bool) -> CLIP:
     return model
 
 
+# The top-level names of a CLIP state dict, and keys the architecture cannot be read without.
+_CLIP_PREFIXES = ("visual.", "transformer.", "token_embedding.", "ln_final.", "positional_embedding",
+                  "text_projection", "logit_scale")
+_REQUIRED_KEYS = ("visual.conv1.weight", "token_embedding.weight", "positional_embedding", "ln_final.weight",
+                  "text_projection", "logit_scale")
+
+
+def _describe_foreign_keys(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the required keys a dict lacks and the keys no CLIP model has."""
+    missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
+    unexpected = [k for k in state_dict if not k.startswith(_CLIP_PREFIXES)]
+    return (f"missing keys ({len(missing)}): {', '.join(missing) or 'none'}; "
+            f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20]) or 'none'}"
+            + (" ..." if len(unexpected) > 20 else ""))
+
+
 def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -515,6 +563,8 @@ def model_from_state_dict(state_dict: Dict[str, torch.Tensor], *, device: Union[
                           half: bool = True, consume: bool = False) -> CLIP:
     """Build a CLIP whose parameters are the given tensors, converted once to their final device and dtype.
 
+    ``device`` defaults to where each tensor already is (the CPU for a file; ``meta`` for a shape-only dict).
+
     ``half`` selects the release dtypes (the ``convert_weights`` set in float16, the rest float32); otherwise every
     floating tensor is float32. With ``consume``, tensors are popped from ``state_dict`` as they are converted, so a
     loader that owns the dict never holds the file's copy and the converted copy of every tensor at once.
@@ -522,18 +572,21 @@ def model_from_state_dict(state_dict: Dict[str, torch.Tensor], *, device: Union[
     source = state_dict if consume else dict(state_dict)
     for key in ARCHIVE_SCALAR_KEYS:
         source.pop(key, None)
-    model = _empty_model(infer_dims(source), half=half)
+    try:
+        dims = infer_dims(source)
+    except ValueError as e:
+        raise ValueError(f"{e}; {_describe_foreign_keys(source)}") from None
+    model = _empty_model(dims, half=half)
     targets = model.state_dict()
     _check_keys(targets, source)
 
-    device = torch.device("cpu") if device is None else torch.device(device)
     weights = {}
     for key, target in targets.items():
         tensor = source.pop(key)
         dtype = target.dtype if (half or not target.dtype.is_floating_point) else torch.float32
         # copy=True: the result owns its memory even when the input is a memory-mapped view of a file that may be
         # rewritten later; a float16 -> float32 conversion copies anyway.
-        weights[key] = tensor.to(device=device, dtype=dtype, copy=True)
+        weights[key] = tensor.to(device=device or tensor.device, dtype=dtype, copy=True)
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval()
 
@@ -543,7 +596,8 @@ def build_model(state_dict: dict) -> CLIP:
 
     The architecture is inferred from the tensor shapes, so the nine release models and any consistent smaller or
     larger variant work. The caller's dict is not modified. The model is built without a random initialisation:
-    its parameters are the given tensors (copied, on the CPU).
+    its parameters are copies of the given tensors, on their device (the CPU for a loaded file; a dict of
+    ``meta`` tensors gives a ``meta`` model, which checks an architecture without memory).
 
     Parameters
     ----------
