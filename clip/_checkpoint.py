@@ -10,6 +10,7 @@ One entry point, :func:`read_state_dict`, serves both load paths. It recognises
 """
 import os
 import pickle
+import re
 import struct
 import zipfile
 from typing import Any, BinaryIO, Dict, Optional
@@ -96,10 +97,13 @@ def _torch_load(path: str, *, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # weights_only refuses a file that names a Python global (a class or function) it does not allow.
+        refused = re.search(r"GLOBAL:? ?([\w.]+)", str(e))
+        if refused:
             raise CheckpointError(
-                f"{path} holds pickled objects other than tensors, and loading them could run arbitrary code; "
-                f"refusing it. Save the weights alone with torch.save(model.state_dict(), path)") from e
+                f"{path} holds pickled objects other than tensors ({refused.group(1)}), and loading them could run "
+                f"arbitrary code; refusing it. Save the weights alone with torch.save(model.state_dict(), path)"
+            ) from e
         raise _not_a_checkpoint(path) from e
     except (EOFError, RuntimeError, zipfile.BadZipFile, struct.error, ValueError) as e:
         raise _not_a_checkpoint(path, e) from e

@@ -129,13 +129,25 @@ def _checkpoint_path(name: str, download_root: Optional[str]) -> str:
     release = _release_name(name, _MODELS)
     if release is not None:
         return _download(_MODELS[release], _downloads.cache_dir(download_root))
-    if os.path.exists(name):
-        return name
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return path
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"no checkpoint at {name}; expected a checkpoint file or a release name from "
+                                f"clip.available_models()")
     close = difflib.get_close_matches(_normalise(name), [_normalise(m) for m in _MODELS], n=3, cutoff=0.5)
     suggestion = [m for m in _MODELS if _normalise(m) in close]
     hint = f" Did you mean {' or '.join(map(repr, suggestion))}?" if suggestion else ""
     raise RuntimeError(f"Model {name} not found.{hint} Available models = {available_models()}; "
                        f"a checkpoint can also be given by its file path")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a name that is neither a release nor an existing file was meant as a file path."""
+    folder = os.path.dirname(name)
+    return (os.path.isabs(name) or name.startswith((".", "~"))
+            or os.path.splitext(name)[1].lower() in (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+            or (bool(folder) and os.path.isdir(folder)))
 
 
 def _normalise(name: str) -> str:

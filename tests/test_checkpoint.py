@@ -1,0 +1,140 @@
+"""Reading checkpoint files: archives without TorchScript, plain and wrapped state dicts, and every bad input."""
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import clip
+from clip._checkpoint import CheckpointError, read_state_dict
+from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_archive, save_state_dict
+
+SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+def assert_same_tensors(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("dims", [TINY_VIT, TINY_RN], ids=["vit", "rn"])
+def test_archive_reads_as_the_state_dict_with_its_scalars(tmp_path, dims):
+    state_dict = random_state_dict(dims)
+    path = save_archive(tmp_path / "model.pt", state_dict)
+    assert_same_tensors(read_state_dict(path), state_dict)
+
+
+def test_archive_path_never_runs_torchscript(tmp_path, monkeypatch):
+    path = save_archive(tmp_path / "model.pt", random_state_dict(TINY_VIT))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TorchScript was used on the non-JIT path")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model, _ = clip.load(path, device="cpu")
+    assert model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("wrap,prefix", [(None, ""), ("state_dict", "module."), ("model", ""), (None, "module.")])
+def test_plain_and_wrapped_state_dicts(tmp_path, wrap, prefix):
+    state_dict = random_state_dict(TINY_VIT)
+    path = save_state_dict(tmp_path / "weights.pth", state_dict, wrap=wrap, prefix=prefix)
+    want = {k: v for k, v in state_dict.items() if k not in SCALARS}
+    assert_same_tensors(read_state_dict(path), want)
+
+
+def test_legacy_non_zip_torch_save(tmp_path):
+    state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in SCALARS}
+    path = tmp_path / "legacy.pt"
+    torch.save(state_dict, path, _use_new_zipfile_serialization=False)
+    assert_same_tensors(read_state_dict(str(path)), state_dict)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nowhere.pt"):
+        read_state_dict(str(tmp_path / "nowhere.pt"))
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        clip.load(str(tmp_path / "nowhere.pt"), device="cpu")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        read_state_dict(str(tmp_path))
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt is empty \(0 bytes\)"):
+        read_state_dict(str(path))
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9, 0.999])
+def test_truncated_archive(tmp_path, keep):
+    full = save_archive(tmp_path / "full.pt", random_state_dict(TINY_VIT))
+    data = open(full, "rb").read()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated.pt .*(truncated|not a readable CLIP checkpoint)"):
+        read_state_dict(str(path))
+
+
+def test_truncated_state_dict(tmp_path):
+    full = save_state_dict(tmp_path / "full.pt", random_state_dict(TINY_VIT))
+    data = open(full, "rb").read()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt .*not a readable CLIP checkpoint"):
+        read_state_dict(str(path))
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "noise.bin"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match=r"noise.bin \(4,096 bytes\) is not a readable CLIP checkpoint"):
+        read_state_dict(str(path))
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_that_wants_to_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "payload": RunsCode()}, path)
+    with pytest.raises(CheckpointError, match=r"evil.pt holds pickled objects other than tensors \((posix|os|nt).system\)"):
+        read_state_dict(str(path))
+
+
+def test_an_archive_whose_data_pkl_wants_to_run_code_is_refused(tmp_path):
+    """A TorchScript-shaped zip whose data.pkl names os.system: the restricted unpickler refuses it."""
+    path = tmp_path / "evil-archive.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps(RunsCode(), protocol=2))
+        archive.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
+        archive.writestr("evil/code/__torch__.py", "")
+    with pytest.raises(CheckpointError, match=r"refusing to load (posix|os|nt)\.system"):
+        read_state_dict(str(path))
+
+
+def test_a_dict_of_the_wrong_model(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, path)
+    with pytest.raises(CheckpointError) as info:
+        clip.load(str(path), device="cpu")
+    message = str(info.value)
+    assert "resnet.pth is not a CLIP checkpoint" in message
+    assert "unexpected keys (2): conv1.weight, fc.weight" in message
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+def test_a_dict_without_tensors(tmp_path):
+    path = tmp_path / "config.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    with pytest.raises(CheckpointError, match="config.pt holds a dict without tensors"):
+        read_state_dict(str(path))

@@ -1,0 +1,202 @@
+"""clip.load end to end: golden outputs through every file kind and both paths, names, devices, fallbacks."""
+import hashlib
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clip
+import clip.clip
+from checkpoints import TINY_VIT, random_state_dict, save_archive, save_state_dict
+from httpserver import LocalServer
+
+MODELS = ["tiny-vit", "tiny-rn"]
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    outputs = load_file(str(golden_dir / "tiny-outputs.safetensors"))
+    weights = {m: load_file(str(golden_dir / f"{m}.safetensors")) for m in MODELS}
+    return outputs, weights
+
+
+@pytest.fixture(scope="module")
+def golden_files(golden, tmp_path_factory):
+    """Each golden model saved as a plain state dict, a wrapped one with a module. prefix, and an archive."""
+    _, weights = golden
+    folder = tmp_path_factory.mktemp("golden-files")
+    files = {}
+    for name, state_dict in weights.items():
+        files[name, "plain"] = save_state_dict(folder / f"{name}.pth", state_dict)
+        files[name, "wrapped"] = save_state_dict(folder / f"{name}.ckpt", state_dict, wrap="state_dict",
+                                                 prefix="module.")
+        files[name, "archive"] = save_archive(folder / f"{name}.pt", state_dict)
+    return files
+
+
+def assert_relative_close(got: torch.Tensor, want: torch.Tensor, tolerance: float = 1e-5) -> None:
+    error = ((got.float() - want).norm() / want.norm()).item()
+    assert error < tolerance, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["plain", "wrapped", "archive"])
+@pytest.mark.parametrize("name", MODELS)
+def test_golden_outputs(golden, golden_files, name, kind):
+    outputs, _ = golden
+    model, preprocess = clip.load(golden_files[name, kind], device="cpu")
+    image, text = outputs[f"{name}.image"], outputs[f"{name}.text"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not model.training
+    with torch.no_grad():
+        assert_relative_close(model.encode_image(image), outputs[f"{name}.encode_image"])
+        assert_relative_close(model.encode_text(text), outputs[f"{name}.encode_text"])
+        logits_per_image, logits_per_text = model(image, text)
+    assert_relative_close(logits_per_image, outputs[f"{name}.logits_per_image"])
+    assert torch.equal(logits_per_text, logits_per_image.t())
+    assert preprocess.transforms[0].size == image.shape[-1]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_golden_outputs_through_torchscript(golden, golden_files, name):
+    outputs, _ = golden
+    model, preprocess = clip.load(golden_files[name, "archive"], device="cpu", jit=True)
+    assert isinstance(model, torch.jit.ScriptModule)
+    image, text = outputs[f"{name}.image"], outputs[f"{name}.text"]
+    with torch.no_grad():
+        logits_per_image, _ = model(image, text)
+    assert_relative_close(logits_per_image, outputs[f"{name}.jit.logits_per_image"])
+    assert preprocess.transforms[1].size == (image.shape[-1], image.shape[-1])
+
+
+def test_jit_patches_cuda_constants_and_float16_casts(tmp_path):
+    """An archive whose graphs name "cuda" and cast to float16, as releases traced on GPUs do, runs on the CPU."""
+    state_dict = random_state_dict(TINY_VIT)
+    path = save_archive(tmp_path / "model.pt", state_dict)
+    archive = torch.jit.load(path)
+    for module in archive.modules():
+        for method in module._c._method_names():
+            for node in module._c._get_method(method).graph.findAllNodes("prim::Constant"):
+                if str(node.output().type()) == "Device":
+                    node.s_("value", "cuda")
+    archive.save(str(tmp_path / "cuda.pt"))
+    casts = [n for n in archive._c._get_method("encode_image").graph.findAllNodes("aten::to")]
+    assert casts, "the traced archive should cast its input to float16"
+
+    model, _ = clip.load(str(tmp_path / "cuda.pt"), device="cpu", jit=True)
+    plain, _ = clip.load(path, device="cpu")
+    image = torch.randn(2, 3, 32, 32)
+    text = torch.tensor([[49406, 320, 1929, 49407] + [0] * 73])
+    with torch.no_grad():
+        assert_relative_close(model.encode_image(image), plain.encode_image(image))
+        assert_relative_close(model.encode_text(text), plain.encode_text(text))
+    for module in model.modules():
+        for method in module._c._method_names():
+            for node in module._c._get_method(method).graph.findAllNodes("prim::Constant"):
+                if str(node.output().type()) == "Device":
+                    assert node.s("value") == "cpu"
+
+
+def test_jit_on_a_plain_state_dict_falls_back_with_a_warning(tmp_path):
+    path = save_state_dict(tmp_path / "weights.pth", random_state_dict(TINY_VIT))
+    with pytest.warns(UserWarning, match="not a TorchScript archive.*jit=False"):
+        model, _ = clip.load(path, device="cpu", jit=True)
+    assert isinstance(model, clip.model.CLIP)
+
+
+def test_jit_failure_falls_back_with_the_reason(tmp_path, monkeypatch):
+    path = save_archive(tmp_path / "model.pt", random_state_dict(TINY_VIT))
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("TorchScript is not available in this build")
+
+    monkeypatch.setattr(torch.jit, "load", unavailable)
+    with pytest.warns(UserWarning, match="TorchScript could not load .*not available in this build.*jit=False"):
+        model, _ = clip.load(path, device="cpu", jit=True)
+    assert isinstance(model, clip.model.CLIP)
+
+
+def test_positional_arguments_and_devices(tmp_path):
+    path = save_state_dict(tmp_path / "weights.pth", random_state_dict(TINY_VIT))
+    for device in ["cpu", torch.device("cpu")]:
+        model, _ = clip.load(path, device, False, str(tmp_path))
+        assert model.visual.conv1.weight.device.type == "cpu"
+
+
+def test_default_device_is_decided_at_call_time(tmp_path, monkeypatch):
+    path = save_state_dict(tmp_path / "weights.pth", random_state_dict(TINY_VIT))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: calls.append(1) or False)
+    model, _ = clip.load(path)
+    assert calls and model.dtype == torch.float32
+
+
+@pytest.fixture
+def served_release(tmp_path, monkeypatch):
+    """A synthetic ViT-B/32 release served on 127.0.0.1 under a registry URL with its real SHA-256."""
+    data = open(save_archive(tmp_path / "src.pt", random_state_dict(TINY_VIT)), "rb").read()
+    digest = hashlib.sha256(data).hexdigest()
+    with LocalServer() as server:
+        server.files[f"/clip/models/{digest}/ViT-B-32.pt"] = data
+        monkeypatch.setitem(clip.clip._MODELS, "ViT-B/32", server.url(f"/clip/models/{digest}/ViT-B-32.pt"))
+        yield server
+
+
+@pytest.mark.parametrize("name", ["ViT-B/32", "ViT-B-32", "vit-b/32", "VIT-B-32"])
+def test_load_by_name_downloads_into_the_cache(served_release, tmp_path, name):
+    model, preprocess = clip.load(name, device="cpu", download_root=str(tmp_path / "cache"))
+    assert (tmp_path / "cache" / "ViT-B-32.pt").is_file()
+    assert model.visual.input_resolution == 32
+    requests = [r for r in served_release.requests if r[0] == "GET"]
+    assert len(requests) == 1
+    clip.load(name, device="cpu", download_root=str(tmp_path / "cache"))
+    assert len([r for r in served_release.requests if r[0] == "GET"]) == 1  # cached: no second request
+
+
+def test_registry_and_download_are_looked_up_at_call_time(tmp_path, monkeypatch):
+    path = save_state_dict(tmp_path / "weights.pth", random_state_dict(TINY_VIT))
+    calls = []
+
+    def client_download(url, root):
+        calls.append((url, root))
+        return path
+
+    monkeypatch.setattr(clip.clip, "_MODELS", {"my-model": "https://example.invalid/0/my-model.pt"})
+    monkeypatch.setattr(clip.clip, "_download", client_download)
+    model, _ = clip.load("my-model", device="cpu", download_root=str(tmp_path))
+    assert calls == [("https://example.invalid/0/my-model.pt", str(tmp_path))]
+
+
+def test_unknown_name_suggests_close_ones():
+    with pytest.raises(RuntimeError, match=r"Model ViT-B/33 not found. Did you mean 'ViT-B/32'.*Available models"):
+        clip.load("ViT-B/33", device="cpu")
+
+
+def test_available_models_is_the_original_list():
+    assert clip.available_models() == ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16",
+                                       "ViT-L/14", "ViT-L/14@336px"]
+
+
+def test_registry_urls_carry_their_hashes():
+    for name, url in clip.clip._MODELS.items():
+        assert url.startswith("https://openaipublic.azureedge.net/clip/models/")
+        digest, filename = url.split("/")[-2:]
+        assert len(digest) == 64 and int(digest, 16) >= 0
+        assert filename == name.replace("/", "-").replace("@", "-") + ".pt"
+
+
+def test_mmap_loaded_weights_survive_the_file_being_replaced(tmp_path):
+    """Plain state dicts are memory-mapped while reading; the model must own its memory afterwards."""
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in random_state_dict(TINY_VIT).items()}
+    path = save_state_dict(tmp_path / "weights.pth", state_dict)
+    model, _ = clip.load(path, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Rewrite the file in place (same inode, as a careless copy would) and replace it (new inode).
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        f.write(b"\0" * size)
+    save_state_dict(tmp_path / "other.pth", random_state_dict(TINY_VIT, seed=1))
+    (tmp_path / "other.pth").replace(path)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
