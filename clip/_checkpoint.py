@@ -1,12 +1,14 @@
 """Reading checkpoint files into plain state dicts, without running TorchScript or arbitrary pickled code.
 
-One entry point, :func:`read_state_dict`, serves both load paths. It recognises
+One entry point, :func:`read_state_dict`, serves both load paths. It recognises (``_formats`` adds safetensors
+files, Hugging Face and open_clip folders and key layouts)
 
 - release TorchScript archives: the module tree in ``data.pkl`` is unpickled by a restricted unpickler that can
   only rebuild tensors (from the zip's ``data/<key>`` entries) and record attribute names; the TorchScript code
   and constants are never read;
 - plain ``torch.save`` files, read with ``weights_only=True`` (memory-mapped when they are zip files);
-- wrapped checkpoints ``{"state_dict": ...}`` or ``{"model": ...}`` and a DataParallel ``module.`` prefix.
+- wrapped checkpoints ``{"state_dict": ...}`` or ``{"model": ...}``, a DataParallel ``module.`` prefix and a
+  ``torch.compile`` ``_orig_mod.`` prefix.
 """
 import os
 import pickle
@@ -46,7 +48,7 @@ class CheckpointError(RuntimeError, ValueError):
 
 
 def read_state_dict(path: str) -> StateDict:
-    """Read a checkpoint file into a flat ``{key: tensor}`` dict on the CPU.
+    """Read a checkpoint file or folder into a flat ``{key: tensor}`` dict on the CPU, in the release layout.
 
     Tensors may share memory with each other (views) and, for plain ``torch.save`` zip files, with a memory map
     of the file: callers that keep them copy them (``build_model`` does).
@@ -113,8 +115,9 @@ def _not_a_checkpoint(path: str, cause: Optional[BaseException] = None) -> Check
     size = os.path.getsize(path)
     why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     return CheckpointError(
-        f"{path} ({size:,} bytes) is not a readable CLIP checkpoint{why}; expected a release TorchScript archive or "
-        f"a torch.save state dict. If it was downloaded, it may be truncated: delete it and fetch it again")
+        f"{path} ({size:,} bytes) is not a readable CLIP checkpoint{why}; expected a release TorchScript archive, "
+        f"a torch.save state dict or a .safetensors file. If it was downloaded, it may be truncated: delete it and "
+        f"fetch it again")
 
 
 def _unwrap(obj: Any, path: str) -> StateDict:
@@ -128,9 +131,10 @@ def _unwrap(obj: Any, path: str) -> StateDict:
     if not tensors:
         raise CheckpointError(f"{path} holds a dict without tensors (keys: {', '.join(map(str, list(obj)[:10]))}); "
                               f"expected a state dict")
-    prefix = "module."
-    if all(k.startswith(prefix) for k in tensors):
-        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    # DataParallel saves "module.", torch.compile "_orig_mod.", and a compiled DataParallel model both.
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     return tensors
 
 

@@ -86,8 +86,9 @@ def load(name: str,
     ----------
     name : str
         A model name listed by :func:`available_models` (also spelled as its file, ``"ViT-B-32"``, in any case),
-        or the path to a checkpoint: a release archive, a ``torch.save`` state dict, or a wrapped checkpoint
-        (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` prefixes).
+        or the path to a checkpoint: a release archive, a ``torch.save`` state dict, a wrapped checkpoint
+        (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` prefixes), a ``.safetensors`` file, or a
+        Hugging Face or open_clip CLIP folder of an architecture this model computes exactly.
     device : str or torch.device, optional
         Where to put the model; default ``"cuda"`` if available, else ``"cpu"``, decided at call time.
     jit : bool

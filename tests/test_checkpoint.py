@@ -39,7 +39,8 @@ def test_archive_path_never_runs_torchscript(tmp_path, monkeypatch):
     assert model.dtype == torch.float32
 
 
-@pytest.mark.parametrize("wrap,prefix", [(None, ""), ("state_dict", "module."), ("model", ""), (None, "module.")])
+@pytest.mark.parametrize("wrap,prefix", [(None, ""), ("state_dict", "module."), ("model", ""), (None, "module."),
+                                         ("model", "module._orig_mod.")])
 def test_plain_and_wrapped_state_dicts(tmp_path, wrap, prefix):
     state_dict = random_state_dict(TINY_VIT)
     path = save_state_dict(tmp_path / "weights.pth", state_dict, wrap=wrap, prefix=prefix)
