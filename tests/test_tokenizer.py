@@ -1,0 +1,534 @@
+"""The tokenizer: exact ids against golden rows and a plain restatement of the original, its fast paths, its errors,
+its bounded caches, nothing at import, and how the vocabulary is found, fetched and verified.
+
+``ReferenceTokenizer`` below restates OpenAI's algorithm as plainly as possible (no caches beyond the original's, no
+shortcuts); hypothesis then compares ``clip.simple_tokenizer`` with it on arbitrary and adversarial text.
+``benchmarks/tokenizer.py`` uses the same class as its stand-in for the original.
+"""
+import gzip
+import hashlib
+import html
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import ftfy
+import pytest
+import regex
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from clip import _download
+from clip import simple_tokenizer as tk
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SOT, EOT = 49406, 49407  # the ids of <|startoftext|> and <|endoftext|>, the last two of the 49,408
+
+
+class ReferenceTokenizer:
+    """OpenAI's tokenizer restated step by step: the oracle for the fast implementation.
+
+    Everything follows the original's order: ftfy, HTML-unescape twice, strip, collapse ``regex`` whitespace, strip,
+    lower-case; split with the original pattern; map UTF-8 bytes to printable characters; repeatedly merge the
+    lowest-ranked adjacent pair (all its occurrences, left to right) until no pair is a merge.
+    """
+
+    PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, bpe_path):
+        printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+        others = [b for b in range(256) if b not in printable]
+        chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+        self.byte_encoder = dict(zip(printable + others, chars))
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+        vocab = list(self.byte_encoder.values())
+        vocab += [v + "</w>" for v in vocab]
+        vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {s: i for i, s in enumerate(vocab)}
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.memo = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        self.pattern = regex.compile(self.PATTERN, regex.IGNORECASE)
+
+    @staticmethod
+    def clean(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return regex.sub(r"\s+", " ", text).strip().lower()
+
+    def bpe(self, token):
+        if token in self.memo:
+            return self.memo[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pair = min(set(zip(word, word[1:])), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        self.memo[token] = " ".join(word)
+        return self.memo[token]
+
+    def words(self, text):
+        return self.pattern.findall(self.clean(text))
+
+    def encode(self, text):
+        ids = []
+        for word in self.words(text):
+            mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[s] for s in self.bpe(mapped).split(" "))
+        return ids
+
+    def decode(self, ids):
+        text = "".join(self.decoder[i] for i in ids)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
+
+    def tokenize(self, texts, context_length=77, truncate=False):
+        texts = [texts] if isinstance(texts, str) else texts
+        result = torch.zeros(len(texts), context_length, dtype=torch.int32)
+        for row, text in enumerate(texts):
+            ids = [SOT] + self.encode(text) + [EOT]
+            if len(ids) > context_length:
+                if not truncate:
+                    raise RuntimeError(f"Input {text} is too long for context length {context_length}")
+                ids = ids[:context_length]
+                ids[-1] = EOT
+            result[row, : len(ids)] = torch.tensor(ids)
+        return result
+
+
+@pytest.fixture(scope="session")
+def reference(vocab_path):
+    return ReferenceTokenizer(vocab_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_path):
+    return tk.SimpleTokenizer(str(vocab_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text strategies: arbitrary unicode, and pieces chosen to hit every step of the cleaning and splitting.
+
+PIECES = [
+    # HTML entities ftfy and html.unescape treat differently, nested, without semicolons, in capitals
+    "&amp;", "&amp;amp;", "&amp;lt;", "&lt;b&gt;", "&#39;", "&#x27;", "&#0;", "&#28;", "&#11;", "&#133;", "&nbsp;",
+    "&copy", "&eacute;", "&EACUTE;", "&notit;", "&#128512;", "&#xD800;", "&", "#", ";", "<", ">",
+    # whitespace and control characters: ftfy removes some, regex's \s and str.split() disagree on U+001C..U+001F
+    " ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\xa0", "\u2028",
+    "\u2029", "\u3000", "\u200b", "\ufeff", "\x00", "\x07", "\x1b[31m", "\x1b", "\x7f", "\x80", "\x9d", "\ud800",
+    # lower-casing that changes length or meets the pattern's IGNORECASE; ligatures; widths; combining marks
+    "İ", "ẞ", "ß", "ſ", "K", "Å", "ǅ", "ŉ", "ΐ", "ﬁ", "ﬀ", "ＡＢＣ１２３", "e\u0301", "\u0301", "Σ", "ΣΑΣ",
+    # the special tokens and near misses, contractions
+    "<|startoftext|>", "<|endoftext|>", "<|ENDOFTEXT|>", "<|ſtartoftext|>", "<|endoftext", "a<|endoftext|>b",
+    "'s", "'S", "'t", "'re", "'ve", "'m", "'ll", "'LL", "'d", "''s", "’s", "don't", "I'M",
+    # mojibake, curly quotes, emoji sequences, scripts, digits
+    "cafÃ©", "Ã¢â‚¬â„¢", "â€œquotedâ€\x9d", "ÃƒÂ©", "“quoted”", "‘single’", "👍🏽", "🇫🇷", "👨‍👩‍👧", "😀",
+    "日本語", "中文", "한국어", "مرحبا", "עברית", "ไทย", "१२३", "½", "²", "1,234.56", "...", "!!!", "--", "—",
+    "a", "photo", "of", "the", "dog", "Running", "PHOTO", "Zürich", "naïve",
+]
+pieces = st.sampled_from(PIECES)
+any_char = st.characters(blacklist_categories=())  # every code point, surrogates included
+messy_text = st.lists(st.one_of(pieces, pieces, st.text(max_size=4), any_char), max_size=24).map("".join)
+ascii_text = st.lists(
+    st.one_of(st.sampled_from([p for p in PIECES if p.isascii()]), st.characters(max_codepoint=127)), max_size=30
+).map("".join)
+texts = st.one_of(st.text(), messy_text, ascii_text)
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _encodable(text):
+    """Whether the original can encode ``text`` at all (a lone surrogate that survives cleaning makes it raise)."""
+    try:
+        ReferenceTokenizer.clean(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Golden rows
+
+
+def _golden_rows(golden_dir):
+    with open(golden_dir / "tokenizer.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_golden_rows_match_exactly(golden_dir, tokenizer):
+    rows = _golden_rows(golden_dir)
+    assert len(rows) > 400
+    failures = []
+    for number, row in enumerate(rows, 1):
+        text, length = row["text"], row.get("context_length", 77)
+        if "encode" in row and tokenizer.encode(text) != row["encode"]:
+            failures.append((number, "encode", text))
+        if "tokenize" in row and tk.tokenize(text, length).tolist() != [row["tokenize"]]:
+            failures.append((number, "tokenize", text))
+        if "tokenize_truncate" in row:
+            if tk.tokenize(text, length, truncate=True).tolist() != [row["tokenize_truncate"]]:
+                failures.append((number, "tokenize_truncate", text))
+        if "decode" in row and tokenizer.decode(row["encode"]) != row["decode"]:
+            failures.append((number, "decode", text))
+    assert not failures, failures[:10]
+
+
+def test_golden_rows_in_one_batch(golden_dir):
+    rows = [row for row in _golden_rows(golden_dir) if "tokenize" in row and "context_length" not in row]
+    assert tk.tokenize([row["text"] for row in rows]).tolist() == [row["tokenize"] for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same ids as the original, on anything
+
+
+@PROPERTY
+@given(texts)
+@example("")
+@example("   \t\n ")
+@example("&amp;lt;b&amp;gt; &#28;x\x1cy\x1fz")
+@example("İstanbul ẞ ß ſ K <|ſtartoftext|>")
+@example("<|startoftext|>a photo<|endoftext|> of <|ENDOFTEXT|>")
+@example("Ã¢â‚¬â„¢ cafÃ© \x1b[31mred\x1b[0m \r\n\x85\u2028")
+def test_encode_equals_the_original(tokenizer, reference, text):
+    if not _encodable(text):
+        with pytest.raises(UnicodeEncodeError):
+            tokenizer.encode(text)
+        return
+    assert tokenizer.encode(text) == reference.encode(text)
+
+
+@PROPERTY
+@given(st.lists(texts, max_size=8), st.integers(min_value=2, max_value=80))
+def test_truncated_batches_equal_the_original(reference, batch, context_length):
+    batch = [text for text in batch if _encodable(text)]
+    ours = tk.tokenize(batch, context_length=context_length, truncate=True)
+    assert ours.dtype == torch.int32 and ours.shape == (len(batch), context_length)
+    assert torch.equal(ours, reference.tokenize(batch, context_length, truncate=True))
+
+
+def test_long_and_repeated_text_equals_the_original(tokenizer, reference):
+    pieces = " ".join(PIECES)
+    texts = [pieces * 4, pieces.replace(" ", "") * 3, "a" * 3000, "ab" * 700 + "!" * 500, "😀" * 400, "\u0301" * 90]
+    for text in texts:
+        assert tokenizer.encode(text) == reference.encode(text)
+    assert torch.equal(tk.tokenize(texts, truncate=True), reference.tokenize(texts, truncate=True))
+
+
+def test_bpe_and_tables_are_the_originals(tokenizer, reference):
+    assert tokenizer.encoder == reference.encoder and tokenizer.decoder == reference.decoder
+    assert tokenizer.byte_encoder == reference.byte_encoder and tokenizer.byte_decoder == reference.byte_decoder
+    assert tokenizer.bpe_ranks == reference.ranks
+    assert len(tokenizer.encoder) == 49408
+    assert tokenizer.encoder["<|startoftext|>"] == SOT and tokenizer.encoder["<|endoftext|>"] == EOT
+    for token in ["hello", "a", "photo", "ĠĠĠ", "Ã©", "<|endoftext|>", "!!!!!!!!", "zzzzzzzzzzzzzz"]:
+        assert tokenizer.bpe(token) == reference.bpe(token)
+    assert tokenizer.cache["<|startoftext|>"] == "<|startoftext|>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Properties the issue names
+
+
+@PROPERTY
+@given(texts)
+def test_tokenize_is_start_encode_end_padded(tokenizer, text):
+    if not _encodable(text):
+        return
+    ids = [SOT] + tokenizer.encode(text) + [EOT]
+    if len(ids) <= 77:
+        assert tk.tokenize(text).tolist() == [ids + [0] * (77 - len(ids))]
+    else:
+        with pytest.raises(RuntimeError, match="truncate=True"):
+            tk.tokenize(text)
+        assert tk.tokenize(text, truncate=True).tolist() == [ids[:76] + [EOT]]
+
+
+@PROPERTY
+@given(texts)
+def test_decode_gives_the_cleaned_words_each_but_special_ones_followed_by_a_space(tokenizer, reference, text):
+    if not _encodable(text):
+        return
+    specials = ("<|startoftext|>", "<|endoftext|>")  # whole symbols, without the end-of-word marker
+    expected = "".join(word if word in specials else word + " " for word in reference.words(text))
+    assert tokenizer.decode(tokenizer.encode(text)) == expected
+
+
+@PROPERTY
+@given(st.lists(texts, max_size=12))
+def test_a_batch_equals_its_items_one_by_one(batch):
+    batch = [text for text in batch if _encodable(text)]
+    together = tk.tokenize(batch, truncate=True)
+    one_by_one = [tk.tokenize(text, truncate=True)[0] for text in batch]
+    assert together.shape == (len(batch), 77)
+    assert all(torch.equal(row, single) for row, single in zip(together, one_by_one))
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from(PIECES), min_size=40, max_size=120).map(" ".join))
+def test_truncation_keeps_the_first_76_ids_and_ends_with_eot(tokenizer, text):
+    ids = tokenizer.encode(text)
+    row = tk.tokenize(text, truncate=True)[0].tolist()
+    if len(ids) + 2 > 77:
+        assert row[:76] == [SOT] + ids[:75] and row[76] == EOT
+    else:
+        assert row == [SOT] + ids + [EOT] + [0] * (75 - len(ids))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fast path skips ftfy and html.unescape only where they change nothing
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(ascii_text, st.text(st.characters(max_codepoint=127)), messy_text))
+@example("a&b")
+@example("tab\there\nnew line\x0cform feed")
+@example("carriage\r\nreturn")
+@example("\x1b[31mred")
+def test_plain_text_is_left_unchanged_by_ftfy_and_unescape(text):
+    if tk._is_plain(text):
+        assert ftfy.fix_text(text) == text
+        assert html.unescape(text) == text
+    assert tk._chunks(text) == [c for c in ReferenceTokenizer.clean(text).split(" ") if c]
+
+
+def test_fast_path_is_taken_for_plain_text_only():
+    assert tk._is_plain("a photo of a dog.\tWith a tab\nand lines")
+    for text in ["a&b", "caf\u00e9", "\r\n", "bell\x07", "\x1b[0m", "del\x7f", "vt\x0b", "fs\x1c"]:
+        assert not tk._is_plain(text), repr(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Edge cases and errors
+
+
+def test_edges():
+    assert tk.tokenize("").tolist() == [[SOT, EOT] + [0] * 75]
+    assert tk.tokenize(" \t\n&nbsp; ").tolist() == [[SOT, EOT] + [0] * 75]
+    assert tk.tokenize([]).shape == (0, 77) and tk.tokenize([]).dtype == torch.int32
+    assert tk.tokenize(("a", "b")).shape == (2, 77)
+    assert tk.tokenize(text for text in ["a", "b", "c"]).shape == (3, 77)
+    assert tk.tokenize("a dog", context_length=2, truncate=True).tolist() == [[SOT, EOT]]
+    assert tk.tokenize("a dog", context_length=10).shape == (1, 10)
+    literal = tk.tokenize("<|startoftext|>x<|endoftext|>")[0, :5].tolist()
+    assert literal == [SOT, SOT, tk._default_tokenizer().encode("x")[0], EOT, EOT]
+
+
+def test_rows_of_exactly_the_context_length(tokenizer):
+    fits = " ".join(["a"] * 75)
+    assert len(tokenizer.encode(fits)) == 75
+    row = tk.tokenize(fits)[0].tolist()
+    assert row == [SOT] + [320] * 75 + [EOT]  # 320: "a</w>"
+    assert tk.tokenize(fits, truncate=True)[0].tolist() == row
+    with pytest.raises(RuntimeError):
+        tk.tokenize(fits + " a")
+    assert tk.tokenize(fits + " a", truncate=True)[0].tolist() == row
+    assert tk.tokenize(fits, context_length=78)[0].tolist() == row + [0]
+
+
+def test_too_long_text_raises_runtimeerror_with_a_helpful_message():
+    text = "A very long caption about a dog " * 20
+    with pytest.raises(RuntimeError) as raised:
+        tk.tokenize(["short", text])
+    message = str(raised.value)
+    assert text[:30] in message  # the start of the text
+    assert "item 1" in message and "context length 77" in message and "truncate=True" in message
+    assert str(1 + len(tk._default_tokenizer().encode(text)) + 1) in message  # its token count
+    with pytest.raises(RuntimeError, match="context length 8"):
+        tk.tokenize("one two three four five six seven", context_length=8)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match=r"item 1 is a bytes"):
+        tk.tokenize(["fine", b"bytes"])
+    with pytest.raises(TypeError, match=r"item 0 is a NoneType"):
+        tk.tokenize([None])
+    with pytest.raises(TypeError):
+        tk._default_tokenizer().encode(3)
+    for bad in (1, 0, -5):
+        with pytest.raises(ValueError, match="at least 2"):
+            tk.tokenize("a", context_length=bad)
+    with pytest.raises(TypeError):
+        tk.tokenize("a", context_length=7.0)
+
+
+def test_decode(tokenizer):
+    ids = tokenizer.encode("A photo of a café! 😀")
+    assert tokenizer.decode(ids) == "a photo of a café ! 😀 "
+    assert tokenizer.decode(torch.tensor(ids)) == tokenizer.decode(ids)
+    assert tokenizer.decode([SOT, EOT]) == "<|startoftext|><|endoftext|>"
+    assert tokenizer.decode([tokenizer.encoder["Ã"]]) == "\ufffd"  # a lone byte of a multi-byte character
+    with pytest.raises(KeyError):
+        tokenizer.decode([49408])
+
+
+def test_helpers():
+    table = tk.bytes_to_unicode()
+    assert len(table) == 256 and len(set(table.values())) == 256 and table is tk.bytes_to_unicode()
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+    assert table[ord("a")] == "a" and table[ord(" ")] == "Ġ"  # 32 is the 33rd non-printable byte: chr(256 + 32)
+    assert tk.get_pairs(("a", "b", "c", "b", "c")) == {("a", "b"), ("b", "c"), ("c", "b")}
+    assert tk.basic_clean("  &amp;lt; cafÃ©  ") == "< café"
+    assert tk.whitespace_clean(" a \t\n b\x1cc ") == "a b\x1cc"
+
+
+def test_caches_are_bounded_and_stay_exact(monkeypatch, vocab_path, reference):
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", 50)
+    tokenizer = tk.SimpleTokenizer(str(vocab_path))
+    words = [f"word{n}x{n * 7}" for n in range(400)] + ["z" * 200]
+    for word in words:
+        assert tokenizer.encode(word) == reference.encode(word)
+        tokenizer.bpe(word)
+        assert len(tokenizer._ids_cache) <= 50 and len(tokenizer.cache) <= 50
+    # the special tokens survive every reset
+    assert tokenizer.encode("<|endoftext|>") == [EOT] and tokenizer.cache["<|endoftext|>"] == "<|endoftext|>"
+    assert "z" * 200 not in tokenizer._ids_cache  # long pieces are not cached at all
+
+
+def test_default_tokenizer_is_shared_and_lazy():
+    first = tk._default_tokenizer()
+    assert first is tk._default_tokenizer() and isinstance(first, tk.SimpleTokenizer)
+
+
+def test_clip_package_exposes_the_tokenizer():
+    import clip
+    import clip.clip
+
+    assert clip.tokenize is tk.tokenize
+    assert clip.clip._tokenizer is tk._default_tokenizer()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nothing at import
+
+
+def _python(code, env_changes, cwd=REPO):
+    env = {k: v for k, v in os.environ.items() if k not in ("CLIP_BPE_PATH",)}
+    env.update(env_changes)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_import_does_not_open_the_vocabulary(vocab_path, tmp_path):
+    # An audit hook sees every open(); the vocabulary is where CLIP_BPE_PATH points, so any read of it shows.
+    code = """
+        import sys
+        opened = []
+        sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+        import clip, clip.simple_tokenizer, clip.clip
+        at_import = [p for p in opened if "bpe_simple_vocab" in p]
+        clip.tokenize("a dog")
+        on_use = [p for p in opened if "bpe_simple_vocab" in p]
+        print(len(at_import), len(on_use))
+    """
+    result = _python(code, {"CLIP_BPE_PATH": str(vocab_path), "CLIP_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "1"]
+
+
+def test_import_works_without_any_vocabulary(tmp_path):
+    code = """
+        import clip
+        try:
+            clip.tokenize("a dog")
+        except RuntimeError as error:
+            print(type(error).__name__)
+    """
+    result = _python(code, {"CLIP_CACHE_DIR": str(tmp_path), "CLIP_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "DownloadError"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding, fetching and verifying the vocabulary
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    for name in ("CLIP_BPE_PATH", "CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLIP_DOWNLOAD_RETRIES", "0")
+    monkeypatch.setenv("CLIP_DOWNLOAD_BACKOFF", "0")
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def vocab_server(monkeypatch, vocab_path):
+    from httpserver import LocalServer
+
+    with LocalServer() as server:
+        path = "/clip/" + tk.VOCAB_NAME
+        server.files[path] = vocab_path.read_bytes()
+        monkeypatch.setattr(tk, "VOCAB_URL", server.url(path))
+        monkeypatch.setattr(tk, "VOCAB_MIRRORS", ())
+        yield server
+
+
+def test_vocabulary_hash_is_pinned(vocab_path):
+    assert hashlib.sha256(vocab_path.read_bytes()).hexdigest() == tk.VOCAB_SHA256
+
+
+def test_vocabulary_is_fetched_once_verified_and_cached(empty_cache, vocab_server, vocab_path):
+    path = tk.default_bpe()
+    assert pathlib.Path(path) == empty_cache / tk.VOCAB_NAME
+    assert pathlib.Path(path).read_bytes() == vocab_path.read_bytes()
+    assert len(vocab_server.requests) == 1
+    assert tk.default_bpe() == path and len(vocab_server.requests) == 1  # cached: no second request
+    assert tk.SimpleTokenizer().encode("a photo of a dog") == [320, 1125, 539, 320, 1929]
+
+
+def test_a_corrupted_download_is_refused(empty_cache, vocab_server):
+    for path in vocab_server.files:
+        vocab_server.files[path] = vocab_server.files[path][:-10] + b"0123456789"
+    with pytest.raises(_download.DownloadError) as raised:
+        tk.default_bpe()
+    assert tk.VOCAB_SHA256 in str(raised.value) and "CLIP_BPE_PATH" in str(raised.value)
+    assert not (empty_cache / tk.VOCAB_NAME).exists()
+
+
+def test_a_corrupted_cached_copy_is_replaced(empty_cache, vocab_server, vocab_path):
+    empty_cache.mkdir()
+    (empty_cache / tk.VOCAB_NAME).write_bytes(b"not the vocabulary")
+    with pytest.warns(UserWarning, match="does not match"):
+        path = tk.default_bpe()
+    assert pathlib.Path(path).read_bytes() == vocab_path.read_bytes() and len(vocab_server.requests) == 1
+
+
+def test_a_copy_in_the_cache_is_used_without_network(empty_cache, vocab_server, vocab_path, monkeypatch):
+    empty_cache.mkdir()
+    (empty_cache / tk.VOCAB_NAME).write_bytes(vocab_path.read_bytes())
+    monkeypatch.setenv("CLIP_OFFLINE", "1")
+    assert pathlib.Path(tk.default_bpe()) == empty_cache / tk.VOCAB_NAME
+    assert not vocab_server.requests
+
+
+def test_offline_without_the_file_says_what_to_do(empty_cache, vocab_server, monkeypatch):
+    monkeypatch.setenv("CLIP_OFFLINE", "1")
+    with pytest.raises(_download.DownloadError) as raised:
+        tk.default_bpe()
+    message = str(raised.value)
+    for needed in (tk.VOCAB_NAME, tk.VOCAB_SHA256, str(empty_cache), "CLIP_BPE_PATH", "CLIP_OFFLINE"):
+        assert needed in message, needed
+    assert not vocab_server.requests
+
+
+def test_clip_bpe_path_wins(empty_cache, vocab_server, vocab_path, monkeypatch):
+    monkeypatch.setenv("CLIP_BPE_PATH", str(vocab_path))
+    assert tk.default_bpe() == str(vocab_path) and not vocab_server.requests
+    monkeypatch.setenv("CLIP_BPE_PATH", str(empty_cache / "nowhere.txt.gz"))
+    with pytest.raises(FileNotFoundError, match="CLIP_BPE_PATH"):
+        tk.default_bpe()
