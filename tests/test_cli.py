@@ -1,0 +1,558 @@
+"""The ``clip`` command line on a synthetic checkpoint, a temporary cache and a download server on 127.0.0.1."""
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip
+import clip.clip
+from clip import _download
+from clip._cli import main
+from checkpoints import TINY_VIT, random_state_dict, save_state_dict
+from httpserver import LocalServer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def local_network(monkeypatch):
+    """Downloads on: no offline switch, no mirror, no proxy between us and the server on 127.0.0.1.
+
+    (Other test modules may set ``HF_HUB_OFFLINE`` for the whole session.)
+    """
+    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                 "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny random ViT saved as a plain state dict: every command's --model."""
+    return save_state_dict(tmp_path_factory.mktemp("model") / "tiny.pt", random_state_dict(TINY_VIT))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    model, preprocess = clip.load(checkpoint, device="cpu")
+    return model, preprocess
+
+
+def _image(path: pathlib.Path, colour: str, size=(48, 40)) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path) -> pathlib.Path:
+    """Images in nested folders, in several formats, with a corrupt image and a file that is no image."""
+    root = tmp_path / "photos"
+    _image(root / "b.png", "red")
+    _image(root / "a" / "c.JPG", "blue")
+    _image(root / "a" / "z" / "d.webp", "green")
+    _image(root / "e.bmp", "white")
+    _image(root / "f.gif", "black")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def run(capsys, *argv):
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry points, as users start them
+
+
+def _subprocess(*argv):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "clip", *map(str, argv)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+
+
+def test_python_m_clip_help_lists_every_command():
+    result = _subprocess("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("models", "download", "verify", "classify", "embed", "merge"):
+        assert command in result.stdout
+
+
+def test_python_m_clip_user_error_is_one_line_without_traceback(tmp_path):
+    result = _subprocess("classify", tmp_path / "missing.jpg", "--labels", "a dog")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"clip: error: image not found: {tmp_path / 'missing.jpg'}"
+
+
+def test_console_script_when_installed():
+    script = shutil.which("clip", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the clip console script is not installed in this environment (pip install . installs it)")
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"clip {clip.__version__}"
+
+
+@pytest.mark.parametrize("command", ["models", "download", "verify", "classify", "embed", "merge"])
+def test_every_command_has_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: clip {command}")
+
+
+@pytest.mark.parametrize("command", ["classify", "embed"])
+def test_model_commands_take_model_device_and_download_root(capsys, command):
+    _, out, _ = run(capsys, command, "--help")
+    for option in ("--model", "--device", "--download-root"):
+        assert option in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    code, _, err = run(capsys)
+    assert code == 2
+    assert "COMMAND" in err
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert (code, out.strip()) == (0, f"clip {clip.__version__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models, download, verify, against a registry of synthetic files served on 127.0.0.1
+
+
+@pytest.fixture
+def registry(monkeypatch, tmp_path, local_network):
+    """Two release-like entries whose URLs carry the SHA-256 of their (synthetic) bytes, served locally."""
+    files = {"ViT-B/32": ("ViT-B-32.pt", b"weights of a small model" * 100), "RN50": ("RN50.pt", b"resnet" * 300)}
+    with LocalServer() as server:
+        models = {}
+        for name, (file_name, data) in files.items():
+            path = f"/clip/models/{hashlib.sha256(data).hexdigest()}/{file_name}"
+            server.files[path] = data
+            models[name] = server.url(path)
+        monkeypatch.setattr(clip.clip, "_MODELS", models)
+        yield server, tmp_path / "cache", files
+
+
+def _status_lines(out: str) -> dict:
+    return {line.split()[0]: line for line in out.splitlines()[1:] if line and not line.startswith("cache:")}
+
+
+def test_models_lists_every_release_model_with_size_and_status(capsys, tmp_path):
+    code, out, _ = run(capsys, "models", "--download-root", tmp_path)
+    assert code == 0
+    lines = _status_lines(out)
+    assert list(lines) == clip.available_models()
+    assert "ViT-B-32.pt" in lines["ViT-B/32"] and "354 MB" in lines["ViT-B/32"]
+    assert "1.35 GB" in lines["RN50x64"]
+    assert all(line.endswith("not cached") for line in lines.values())
+    assert f"cache: {tmp_path}" in out
+
+
+def test_download_then_models_shows_verified_and_sizes(capsys, registry):
+    server, cache, files = registry
+    code, out, err = run(capsys, "download", "vit-b-32", "--download-root", cache)  # a friendly spelling
+    assert code == 0, err
+    assert out.strip() == f"ViT-B/32: {cache / 'ViT-B-32.pt'}"
+    assert (cache / "ViT-B-32.pt").read_bytes() == files["ViT-B/32"][1]
+
+    code, out, _ = run(capsys, "models", "--download-root", cache)
+    lines = _status_lines(out)
+    assert lines["ViT-B/32"].endswith("verified")
+    assert "2 kB" in lines["ViT-B/32"]  # the real size of the cached file
+    assert lines["RN50"].endswith("not cached")
+
+    requests = len(server.requests)
+    code, out, _ = run(capsys, "download", "ViT-B/32", "--download-root", cache)
+    assert code == 0 and len(server.requests) == requests  # verified already: nothing fetched
+
+
+def test_models_tells_a_planted_file_from_a_verified_one(capsys, registry):
+    _, cache, files = registry
+    cache.mkdir()
+    (cache / "RN50.pt").write_bytes(files["RN50"][1])  # copied in by hand: no record of a verification
+    _, out, _ = run(capsys, "models", "--download-root", cache)
+    assert "cached, not verified yet" in _status_lines(out)["RN50"]
+
+
+def test_download_all(capsys, registry):
+    _, cache, files = registry
+    code, out, _ = run(capsys, "download", "--all", "--download-root", cache)
+    assert code == 0
+    for name, data in files.values():
+        assert (cache / name).read_bytes() == data
+        assert _download.cached_path(clip.clip._MODELS["RN50" if name == "RN50.pt" else "ViT-B/32"], cache)
+
+
+def test_download_unknown_name_suggests_close_ones(capsys, registry):
+    server, cache, _ = registry
+    code, _, err = run(capsys, "download", "ViT-B/33", "--download-root", cache)
+    assert code == 1
+    assert err.startswith("clip: error: Model ViT-B/33 not found. Did you mean 'ViT-B/32'")
+    assert server.requests == []
+
+
+def test_download_needs_a_name(capsys, registry):
+    code, _, err = run(capsys, "download")
+    assert code == 2
+    assert "name the models to download" in err
+
+
+def test_download_failure_is_reported_and_others_continue(capsys, registry):
+    server, cache, files = registry
+    del server.files[next(p for p in server.files if p.endswith("RN50.pt"))]
+    code, out, err = run(capsys, "download", "RN50", "ViT-B/32", "--download-root", cache)
+    assert code == 1
+    assert "clip: error: RN50:" in err and "404" in err
+    assert out.strip() == f"ViT-B/32: {cache / 'ViT-B-32.pt'}"
+
+
+def test_download_replaces_a_corrupt_file_with_a_one_line_warning(capsys, registry):
+    _, cache, files = registry
+    cache.mkdir()
+    (cache / "RN50.pt").write_bytes(b"garbage")
+    code, out, err = run(capsys, "download", "RN50", "--download-root", cache)
+    assert code == 0
+    assert (cache / "RN50.pt").read_bytes() == files["RN50"][1]
+    assert f"clip: warning: {cache / 'RN50.pt'} does not match its expected SHA-256" in err
+    assert "Warning" not in err  # no "UserWarning" with a source location
+
+
+def test_verify_reports_each_file_and_fails_on_a_corrupt_one(capsys, registry):
+    _, cache, files = registry
+    assert run(capsys, "download", "--all", "--download-root", cache)[0] == 0
+    code, out, _ = run(capsys, "verify", "--download-root", cache)
+    assert code == 0
+    assert f"ok      {cache / 'RN50.pt'}" in out and f"ok      {cache / 'ViT-B-32.pt'}" in out
+    assert "2 file(s) checked, 0 failed" in out
+
+    target = cache / "RN50.pt"
+    stat = target.stat()
+    target.write_bytes(b"X" + files["RN50"][1][1:])  # same size, same mtime: only a full re-hash sees it
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    code, out, _ = run(capsys, "verify", "--download-root", cache)
+    assert code == 1
+    assert f"FAILED  {target}: corrupt" in out
+    assert "2 file(s) checked, 1 failed" in out
+
+
+def test_verify_mentions_release_files_never_verified(capsys, registry):
+    _, cache, files = registry
+    cache.mkdir()
+    (cache / "RN50.pt").write_bytes(files["RN50"][1])
+    code, out, _ = run(capsys, "verify", "--download-root", cache)
+    assert code == 0
+    assert "never verified" in out and "clip download RN50" in out
+
+
+def test_verify_empty_cache(capsys, tmp_path):
+    code, out, _ = run(capsys, "verify", "--download-root", tmp_path)
+    assert code == 0
+    assert out.strip() == f"no verified files in {tmp_path}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classify
+
+
+def _expected_probabilities(reference, image_path, prompts):
+    model, preprocess = reference
+    with torch.no_grad():
+        logits_per_image, _ = model(preprocess(Image.open(image_path)).unsqueeze(0), clip.tokenize(prompts))
+    return logits_per_image.softmax(dim=-1)[0].tolist()
+
+
+def test_classify_json_matches_the_model(capsys, checkpoint, reference, folder):
+    labels = ["a dog", "a cat", "a bird"]
+    code, out, err = run(capsys, "classify", folder / "b.png", "--labels", *labels, "--model", checkpoint,
+                         "--device", "cpu", "--json", "--top-k", "3")
+    assert code == 0, err
+    (result,) = json.loads(out)
+    assert result["image"] == str(folder / "b.png")
+    got = {entry["label"]: entry["probability"] for entry in result["labels"]}
+    expected = dict(zip(labels, _expected_probabilities(reference, folder / "b.png", labels)))
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert [entry["probability"] for entry in result["labels"]] == sorted(got.values(), reverse=True)
+
+
+def test_classify_text_output_with_top_k_and_template(capsys, checkpoint, reference, folder):
+    code, out, _ = run(capsys, "classify", folder / "b.png", folder / "e.bmp", "--labels", "dog", "cat", "bird",
+                       "--template", "a photo of a {}.", "--top-k", "2", "-m", checkpoint, "--device", "cpu")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == str(folder / "b.png") and lines[3] == str(folder / "e.bmp")
+    expected = _expected_probabilities(reference, folder / "b.png", [f"a photo of a {x}." for x in ("dog", "cat",
+                                                                                                    "bird")])
+    best = max(range(3), key=expected.__getitem__)
+    assert lines[1].split() == [f"{100 * expected[best]:.2f}%", ["dog", "cat", "bird"][best]]
+    assert len(lines) == 6  # two labels under each of the two images
+
+
+def test_classify_averages_several_templates(capsys, checkpoint, reference, folder):
+    model, preprocess = reference
+    labels, templates = ["dog", "cat"], ["a photo of a {}.", "a drawing of a {}."]
+    argv = ["classify", folder / "b.png", "--labels", *labels, "-m", checkpoint, "--device", "cpu", "--json"]
+    for template in templates:
+        argv += ["--template", template]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    with torch.no_grad():
+        per_template = [model.encode_text(clip.tokenize([t.format(x) for x in labels])) for t in templates]
+        text = torch.stack([f / f.norm(dim=-1, keepdim=True) for f in per_template]).mean(dim=0)
+        text = text / text.norm(dim=-1, keepdim=True)
+        image = model.encode_image(preprocess(Image.open(folder / "b.png")).unsqueeze(0))
+        image = image / image.norm(dim=-1, keepdim=True)
+        expected = (model.logit_scale.exp() * image @ text.T).softmax(dim=-1)[0].tolist()
+    got = {e["label"]: e["probability"] for e in json.loads(out)[0]["labels"]}
+    assert got == pytest.approx(dict(zip(labels, expected)), abs=1e-5)
+
+
+def test_classify_labels_file_and_folder(capsys, checkpoint, folder, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\n\n  blue  \ngreen\n")
+    code, out, err = run(capsys, "classify", folder, "--labels-file", labels, "-m", checkpoint, "--device", "cpu",
+                         "--json")
+    assert code == 1  # the broken image in the folder
+    results = json.loads(out)
+    assert [r["image"] for r in results] == [str(folder / p) for p in
+                                             ["a/c.JPG", "a/z/d.webp", "b.png", "broken.jpg", "e.bmp", "f.gif"]]
+    broken = results[3]
+    assert "labels" not in broken and broken["error"].startswith("OSError: ")
+    assert all({e["label"] for e in r["labels"]} == {"red", "blue", "green"} for r in results if "labels" in r)
+    assert f"clip: warning: skipping {folder / 'broken.jpg'}: cannot read it as an image" in err
+    assert "clip: error: 1 of 6 image(s) could not be read" in err
+
+
+def test_classify_missing_image_fails_before_loading_the_model(capsys, folder, tmp_path):
+    code, out, err = run(capsys, "classify", folder / "b.png", tmp_path / "nope.jpg", "--labels", "dog",
+                         "--model", tmp_path / "no-such-model.pt")
+    assert (code, out) == (1, "")
+    assert err == f"clip: error: image not found: {tmp_path / 'nope.jpg'}\n"
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["--labels"], "expected at least one argument"),
+    (["--labels", "dog", " "], "empty label in --labels"),
+    ([], "one of the arguments --labels --labels-file is required"),
+])
+def test_classify_bad_labels_are_usage_errors(capsys, folder, labels, message):
+    code, _, err = run(capsys, "classify", folder / "b.png", *labels)
+    assert code == 2
+    assert message in err and err.startswith("usage: clip classify")
+
+
+def test_classify_empty_or_missing_labels_file(capsys, folder, tmp_path):
+    empty = tmp_path / "labels.txt"
+    empty.write_text("\n  \n")
+    code, _, err = run(capsys, "classify", folder / "b.png", "--labels-file", empty)
+    assert code == 2 and f"no labels in {empty}: write one label per line" in err
+    code, _, err = run(capsys, "classify", folder / "b.png", "--labels-file", tmp_path / "missing.txt")
+    assert code == 2 and "cannot read --labels-file" in err
+
+
+def test_classify_template_needs_a_placeholder(capsys, folder):
+    code, _, err = run(capsys, "classify", folder / "b.png", "--labels", "dog", "--template", "a photo")
+    assert code == 2 and "has no {} for the label" in err
+
+
+def test_classify_unknown_model_suggests_names(capsys, folder):
+    code, out, err = run(capsys, "classify", folder / "b.png", "--labels", "dog", "--model", "vit-b-33")
+    assert (code, out) == (1, "")
+    assert err.startswith("clip: error: Model vit-b-33 not found. Did you mean 'ViT-B/32'")
+    assert "Traceback" not in err
+
+
+def test_classify_model_file_that_is_not_a_checkpoint(capsys, folder, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"definitely not a checkpoint")
+    code, _, err = run(capsys, "classify", folder / "b.png", "--labels", "dog", "--model", bogus, "--device", "cpu")
+    assert code == 1 and err.startswith("clip: error: ") and str(bogus) in err
+
+
+def test_classify_bad_device(capsys, checkpoint, folder):
+    code, _, err = run(capsys, "classify", folder / "b.png", "--labels", "dog", "-m", checkpoint,
+                       "--device", "toaster")
+    assert code == 1 and err.startswith("clip: error: --device 'toaster'")
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "classify", folder / "b.png", "--labels", "dog", "-m", checkpoint,
+                           "--device", "cuda")
+        assert code == 1 and "CUDA is not available here; use --device cpu" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# embed and merge
+
+
+def _embed(capsys, checkpoint, source, output, *extra):
+    return run(capsys, "embed", source, "--output", output, "--model", checkpoint, "--device", "cpu",
+               "--batch-size", "2", "--num-workers", "0", *extra)
+
+
+def _image_features(reference, paths):
+    model, preprocess = reference
+    with torch.no_grad():
+        features = model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]))
+    return (features / features.norm(dim=-1, keepdim=True)).numpy()
+
+
+def test_embed_folder(capsys, checkpoint, reference, folder, tmp_path):
+    output = tmp_path / "out" / "features.npy"
+    code, out, err = _embed(capsys, checkpoint, folder, output)
+    assert code == 0, err
+    rows = (tmp_path / "out" / "features.txt").read_text().splitlines()
+    assert rows == ["a/c.JPG", "a/z/d.webp", "b.png", "e.bmp", "f.gif"]  # sorted, recursive, broken.jpg skipped
+    features = np.load(output)
+    assert features.dtype == np.float32 and features.shape == (5, TINY_VIT.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(features, _image_features(reference, [folder / r for r in rows]), atol=1e-5)
+    assert f"clip: warning: skipping {folder / 'broken.jpg'}: cannot read it as an image" in err
+    assert "5 images embedded" in err and "1 unreadable, skipped" in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["features.npy", "features.txt"]  # no temporary files left
+
+
+def test_embed_with_worker_processes(capsys, checkpoint, reference, folder, tmp_path):
+    code, _, err = run(capsys, "embed", folder, "-o", tmp_path / "f.npy", "-m", checkpoint, "--device", "cpu",
+                       "--num-workers", "2", "--batch-size", "4")
+    assert code == 0, err
+    rows = (tmp_path / "f.txt").read_text().splitlines()
+    assert len(rows) == 5 and "broken.jpg" in err
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), _image_features(reference, [folder / r for r in rows]),
+                               atol=1e-5)
+
+
+def test_embed_text_file(capsys, checkpoint, reference, tmp_path):
+    texts = ["a photo of a dog", "", "a cat", "word " * 100]  # a blank line, and one past 77 tokens
+    source = tmp_path / "captions.txt"
+    source.write_text("\n".join(texts) + "\n")
+    code, _, err = _embed(capsys, checkpoint, source, tmp_path / "text.npy")
+    assert code == 0, err
+    rows = (tmp_path / "text.txt").read_text().splitlines()
+    assert rows == ["a photo of a dog", "a cat", ("word " * 100).strip()]
+    model, _ = reference
+    with torch.no_grad():
+        expected = model.encode_text(clip.tokenize(rows, truncate=True))
+    expected = (expected / expected.norm(dim=-1, keepdim=True)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "text.npy"), expected, atol=1e-5)
+
+
+def test_embed_shards_resume_and_merge(capsys, checkpoint, folder, tmp_path, monkeypatch):
+    whole = tmp_path / "whole.npy"
+    assert _embed(capsys, checkpoint, folder, whole)[0] == 0
+    output = tmp_path / "sharded.npy"
+    for index in range(3):
+        code, _, err = _embed(capsys, checkpoint, folder, output, "--shard", f"{index}/3")
+        assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("sharded.shard-*")) == [
+        f"sharded.shard-{i}-of-3.{ext}" for i in range(3) for ext in ("npy", "txt")]
+    # Six inputs (the broken one included) cut into slices of two; broken.jpg falls into shard 1.
+    assert (tmp_path / "sharded.shard-1-of-3.txt").read_text().splitlines() == ["b.png"]
+
+    # A finished shard is skipped on rerun, without loading a model.
+    monkeypatch.setattr(clip.clip, "load", lambda *a, **k: pytest.fail("a finished shard loaded the model"))
+    before = (tmp_path / "sharded.shard-0-of-3.npy").stat().st_mtime_ns
+    code, _, err = _embed(capsys, checkpoint, folder, output, "--shard", "0/3")
+    assert code == 0 and "shard 0/3:" in err and "already exists; skipping" in err
+    assert (tmp_path / "sharded.shard-0-of-3.npy").stat().st_mtime_ns == before
+
+    code, _, err = run(capsys, "merge", output)
+    assert code == 0, err
+    assert (tmp_path / "sharded.txt").read_text() == (tmp_path / "whole.txt").read_text()
+    np.testing.assert_array_equal(np.load(output), np.load(whole))
+
+
+def test_embed_unfinished_shard_is_redone(capsys, checkpoint, folder, tmp_path):
+    output = tmp_path / "out.npy"
+    (tmp_path / "out.shard-0-of-2.txt").write_text("left by a run that was killed before its .npy\n")
+    code, _, err = _embed(capsys, checkpoint, folder, output, "--shard", "0/2")
+    assert code == 0 and "embedded" in err
+    assert (tmp_path / "out.shard-0-of-2.txt").read_text().splitlines() == ["a/c.JPG", "a/z/d.webp", "b.png"]
+
+
+def test_embed_more_shards_than_inputs_writes_empty_shards(capsys, checkpoint, tmp_path):
+    source = tmp_path / "one.txt"
+    source.write_text("only line\n")
+    output = tmp_path / "o.npy"
+    for index in range(3):
+        assert _embed(capsys, checkpoint, source, output, "--shard", f"{index}/3")[0] == 0
+    assert np.load(tmp_path / "o.shard-0-of-3.npy").shape == (0, TINY_VIT.embed_dim)
+    assert run(capsys, "merge", output)[0] == 0
+    assert np.load(output).shape == (1, TINY_VIT.embed_dim)
+
+
+def test_embed_existing_output_is_kept_unless_overwrite(capsys, checkpoint, folder, tmp_path):
+    output = tmp_path / "f.npy"
+    assert _embed(capsys, checkpoint, folder, output)[0] == 0
+    _image(folder / "new.png", "yellow")
+    code, _, err = _embed(capsys, checkpoint, folder, output)
+    assert code == 0 and "already exists; skipping (pass --overwrite" in err
+    assert len(np.load(output)) == 5
+    assert _embed(capsys, checkpoint, folder, output, "--overwrite")[0] == 0
+    assert len(np.load(output)) == 6
+
+
+def test_merge_missing_shard(capsys, checkpoint, folder, tmp_path):
+    output = tmp_path / "m.npy"
+    assert _embed(capsys, checkpoint, folder, output, "--shard", "1/3")[0] == 0
+    code, _, err = run(capsys, "merge", output)
+    assert code == 1
+    assert "2 of 3 shards are missing (I = 0, 2)" in err
+    code, _, err = run(capsys, "merge", tmp_path / "nothing.npy")
+    assert code == 1 and "no shards of" in err
+
+
+@pytest.mark.parametrize("shard", ["3/3", "1", "-1/2", "a/b"])
+def test_embed_bad_shard(capsys, folder, tmp_path, shard):
+    code, _, err = run(capsys, "embed", folder, "-o", tmp_path / "x.npy", f"--shard={shard}")
+    assert code == 2 and "expected I/N with 0 <= I < N" in err
+
+
+def test_embed_bad_inputs(capsys, checkpoint, tmp_path):
+    code, _, err = _embed(capsys, checkpoint, tmp_path / "missing", tmp_path / "x.npy")
+    assert code == 1 and err == f"clip: error: input not found: {tmp_path / 'missing'}\n"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("no images here")
+    code, _, err = _embed(capsys, checkpoint, empty, tmp_path / "x.npy")
+    assert code == 1 and f"no images in folder {empty}" in err
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    code, _, err = _embed(capsys, checkpoint, blank, tmp_path / "x.npy")
+    assert code == 1 and f"no texts in {blank}" in err
+
+    image = _image(tmp_path / "one.png", "red")
+    code, _, err = _embed(capsys, checkpoint, image, tmp_path / "x.npy")
+    assert code == 1 and "is an image; clip embed takes a folder of images or a text file" in err
+
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    code, _, err = _embed(capsys, checkpoint, binary, tmp_path / "x.npy")
+    assert code == 1 and "is not UTF-8 text" in err
+
+    source = tmp_path / "lines.txt"
+    source.write_text("a line\n")
+    code, _, err = _embed(capsys, checkpoint, source, tmp_path / "lines.npy")
+    assert code == 1 and "would overwrite the input" in err
+    assert source.read_text() == "a line\n"
+
+
+def test_embed_unknown_model(capsys, folder, tmp_path):
+    code, _, err = run(capsys, "embed", folder, "-o", tmp_path / "x.npy", "--model", "RN5O")
+    assert code == 1 and err.startswith("clip: error: Model RN5O not found.")

@@ -1,0 +1,70 @@
+"""Run both notebooks top to bottom on a tiny synthetic checkpoint, in a kernel that is this interpreter.
+
+The kernel is declared here, in a temporary Jupyter data folder, with this interpreter's absolute path: whatever
+kernels the machine has registered, the notebook runs on the Python (and the packages) that runs the tests. The
+kernel imports ``clip`` from this checkout and finds the tokenizer's vocabulary through ``CLIP_CACHE_DIR``, which
+the test session set (conftest); it needs no network.
+"""
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+from checkpoints import TINY_VIT, random_state_dict, save_state_dict  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+KERNEL = "clip-tests-python"
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """Environment variables for the kernel: our kernelspec, this checkout first on the path, a tiny model."""
+    data = tmp_path_factory.mktemp("jupyter")
+    spec = data / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "clip tests (this interpreter)",
+        "language": "python",
+    }))
+    model = save_state_dict(tmp_path_factory.mktemp("model") / "tiny.pt", random_state_dict(TINY_VIT))
+    return {
+        "JUPYTER_PATH": str(data),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "CLIP_NOTEBOOK_MODEL": model,
+    }
+
+
+def test_there_are_two_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["clip-api-tour.ipynb", "zero-shot-prompt-ensembling.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path, kernel_env, monkeypatch, tmp_path):
+    for name, value in kernel_env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE"):  # a first use of the seeded vocabulary verifies it on disk
+        monkeypatch.delenv(name, raising=False)
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+        "commit notebooks without outputs"
+    # One more cell, run last: which interpreter and which clip the kernel used.
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        "import sys, clip, json; print(json.dumps([sys.executable, clip.__file__]))"))
+
+    client = nbclient.NotebookClient(notebook, kernel_name=KERNEL, timeout=120,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+
+    executable, clip_file = json.loads(notebook.cells[-1].outputs[0]["text"])
+    assert os.path.samefile(executable, sys.executable)
+    assert pathlib.Path(clip_file).resolve() == REPO / "clip" / "__init__.py"
+    model_line = notebook.cells[1].outputs[0]["text"]
+    assert model_line.startswith(f"model: {kernel_env['CLIP_NOTEBOOK_MODEL']}")
