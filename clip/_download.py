@@ -9,7 +9,9 @@ How a file gets into the cache
 (an exception, Ctrl-C, ``kill -9``). A lock file per target (``<file>.lock``) makes processes that ask for the same
 file at once download it once: the others wait, then find it verified. A broken transfer is resumed with an HTTP
 ``Range`` request where the server allows it and restarted where it does not; a partial file left by a killed
-process is resumed the same way (the final hash check guards against a prefix that does not belong).
+process is resumed the same way (the final hash check guards against a prefix that does not belong: on a
+mismatch the file is fetched whole once more). A download that fails for good keeps its partial file only when the
+server takes ``Range`` requests, so that the next call resumes it; otherwise it is deleted.
 
 Verified once
 -------------

@@ -12,6 +12,7 @@ Faults, for the download tests: ``server.add_fault(path, kind, value, seconds=..
 - ``"truncate"``: promise the whole body, send its first ``value`` bytes, then close the connection.
 - ``"pause"``: send ``value`` bytes, wait ``seconds`` (cut short when the server stops), then send the rest.
 - ``"drop"``: close the connection without answering.
+- ``"stall"``: wait ``seconds`` (cut short when the server stops) before answering, then answer normally.
 - ``"bad_range"``: answer a ``Range`` request with 206 but the bytes (and ``Content-Range``) from offset 0.
 
 Server-wide switches: ``server.ranges = False`` ignores ``Range`` headers (always the whole file, 200);
@@ -50,6 +51,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server.requests.append(("GET", self.path, dict(self.headers)))
         path = urllib.parse.urlsplit(self.path).path if "://" in self.path else self.path
         fault = server._take_fault(path)
+        if fault is not None and fault.kind == "stall":
+            server.stopping.wait(fault.seconds)
         try:
             self._answer(server, path, fault)
         except (BrokenPipeError, ConnectionResetError):  # the client went away (killed, timed out): fine
@@ -149,7 +152,7 @@ class LocalServer:
 
         ``"redirect"`` answers with status ``code`` (302 unless given) and ``Location: value``.
         """
-        if kind not in ("status", "redirect", "truncate", "pause", "drop", "bad_range"):
+        if kind not in ("status", "redirect", "truncate", "pause", "drop", "bad_range", "stall"):
             raise ValueError(f"unknown fault {kind!r}")
         with self._faults_lock:
             self.faults.setdefault(path, []).append(Fault(kind, value, seconds, code, times))

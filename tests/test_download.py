@@ -313,6 +313,16 @@ def test_read_timeout_is_retried_and_resumed(server, monkeypatch):
     assert gets(server, path)[1]["Range"] == "bytes=50000-"
 
 
+def test_no_answer_at_all_times_out_and_is_retried(server, monkeypatch):
+    data = payload()
+    url, path = publish(server, data)
+    monkeypatch.setenv("CLIP_DOWNLOAD_TIMEOUT", "0.3")
+    server.add_fault(path, "stall", seconds=5)  # connected, but no status line
+    started = time.monotonic()
+    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert time.monotonic() - started < 4 and len(gets(server, path)) == 2
+
+
 def test_always_truncated_body_fails_and_leaves_no_file(server, sandbox, sleeps):
     url, path = publish(server, payload())
     server.ranges = False
@@ -473,6 +483,21 @@ def test_complete_partial_is_accepted_on_416(server, sandbox):
     assert server.responses == [(path, 416, 0)]
 
 
+def test_partial_longer_than_the_file_restarts_from_zero(server, sandbox):
+    data = payload()
+    url, path = publish(server, data)
+    sandbox.mkdir()
+    (sandbox / "model.pt.partial").write_bytes(data + b"from a bigger file")
+    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert [status for _, status, _ in server.responses] == [416, 200]
+
+
+def test_empty_file(server):
+    url, _ = publish(server, b"")
+    assert pathlib.Path(_download.download(url)).read_bytes() == b""
+    assert _download.download(url) == _download.cached_path(url)
+
+
 def test_mirror_is_used_when_the_first_source_fails(server, sleeps):
     data = payload()
     mirror, mirror_path = publish(server, data, prefix="/mirror")
@@ -538,10 +563,25 @@ def test_exception_mid_transfer_leaves_no_final_file(server, sandbox, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         _download.download(url)
     assert not (sandbox / "model.pt").exists()
-    assert (sandbox / "model.pt.partial").exists()
+    kept = (sandbox / "model.pt.partial").stat().st_size
+    assert 0 < kept < SIZE
     monkeypatch.setattr(_download._Partial, "append", real)
     monkeypatch.setattr(_download, "LOCK_TIMEOUT", 5.0)  # a lock left held would fail here, not hang
     assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert gets(server, path)[-1]["Range"] == f"bytes={kept}-"  # Ctrl-C, then run again: it resumes
+
+
+def test_disk_error_fails_clearly_and_cleans_up(server, sandbox, monkeypatch):
+    url, _ = publish(server, payload())
+
+    def disk_full(self, file, chunk):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_download._Partial, "append", disk_full)
+    with pytest.raises(DownloadError, match="could not write model.pt into .*No space left on device"):
+        _download.download(url)
+    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]
+    assert len(server.requests) == 1  # a local error is not retried
 
 
 # ---------------------------------------------------------------------------------------------------------------
