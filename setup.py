@@ -19,7 +19,8 @@ def read_version() -> str:
 
 def read_requirements() -> list:
     lines = (HERE / "requirements.txt").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    requirements = (line.split("#", 1)[0].strip() for line in lines)  # drop comments, whole-line and inline
+    return [r for r in requirements if r]
 
 
 setup(

@@ -15,9 +15,14 @@ from clip import _formats
 from clip._checkpoint import CheckpointError, read_state_dict
 from clip.clip import load
 from clip.model import ARCHIVE_SCALAR_KEYS, build_model
-from tests.checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_state_dict
+from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_state_dict
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network, whatever a library tries
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """Never reach the network, whatever a library tries (scoped to these tests: others serve downloads)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 WIDTH = 64  # one 64-dimensional head per tower: the smallest width our model expresses
 EMBED = 32
