@@ -353,8 +353,7 @@ def _list_images(folder: str) -> List[str]:
     The order depends only on the names, so every machine that sees the same tree cuts the same shards.
     """
     found = []
-    for directory, subdirectories, files in os.walk(folder):
-        subdirectories.sort()
+    for directory, _, files in os.walk(folder):
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 relative = os.path.relpath(os.path.join(directory, name), folder)
