@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def local_network(monkeypatch):
     """Downloads on: no offline switch, no mirror, no proxy between us and the server on 127.0.0.1.
 
-    (Other test modules may set ``HF_HUB_OFFLINE`` for the whole session.)
+    (The environment running the tests may set ``HF_HUB_OFFLINE`` or a proxy.)
     """
     for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
                  "http_proxy", "HTTPS_PROXY", "https_proxy"):
