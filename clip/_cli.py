@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = command("models", _cmd_models, "list the release models and their cache status",
                      "List the release models: file, size, and whether each is in the cache and verified.")
-    _add_cache_option(models)
+    _add_model_options(models, default=None, model_help="show only this model")
 
     download = command("download", _cmd_download, "download release models into the cache",
                        "Download release models into the cache (verified against their SHA-256), e.g.\n"
@@ -71,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "A file already there and verified is not fetched again.")
     download.add_argument("names", nargs="*", metavar="NAME", help="release model names (see 'clip models')")
     download.add_argument("--all", action="store_true", help="download every release model")
-    _add_cache_option(download)
+    _add_model_options(download, default=None, model_help="a release name to download, like NAME")
 
     verify = command("verify", _cmd_verify, "re-hash every file of the cache",
                      "Re-hash every verified file of the cache and report each; exit status 1 if any fails.")
-    _add_cache_option(verify)
+    _add_model_options(verify, default=None, model_help="check only this model's file")
 
     classify = command("classify", _cmd_classify, "zero-shot classify images against text labels",
                        "Zero-shot classification: print each image's top labels with their probabilities, e.g.\n"
@@ -129,11 +129,15 @@ def _add_cache_option(parser: argparse.ArgumentParser) -> None:
                              "~/.cache/clip)")
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                        help=f"a release name (see 'clip models') or a checkpoint path (default: {DEFAULT_MODEL})")
+def _add_model_options(parser: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL,
+                       model_help: Optional[str] = None) -> None:
+    """--model, --device and --download-root, which every command takes so scripts can pass them uniformly."""
+    parser.add_argument("-m", "--model", default=default,
+                        help=model_help or f"a release name (see 'clip models') or a checkpoint path "
+                                           f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default=None,
-                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)"
+                        if default else "accepted like every command's, unused: this command runs no model")
     _add_cache_option(parser)
 
 
@@ -247,12 +251,30 @@ def _cache_status(url: str, path: str, root: Optional[str]) -> str:
     return "not cached"
 
 
+def _release_or_error(name: str) -> str:
+    """The registry name for ``name`` (any spelling ``load`` accepts), or load()'s unknown-name error."""
+    from . import clip as clip_module
+
+    release = clip_module._release_name(name, clip_module._MODELS)
+    if release is None:
+        # The same unknown-name error (with suggestions) that load() gives; a local file passes that check.
+        try:
+            clip_module._checkpoint_path(name, None)
+        except (RuntimeError, OSError) as error:
+            raise CLIError(str(error)) from None
+        raise CLIError(f"{name} is a local file, not a release name: it has no place in the release cache")
+    return release
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from . import _download
 
     folder = _download.cache_dir(args.download_root)
+    only = _release_or_error(args.model) if args.model else None
     rows = []
     for name, url, file_name in _release_files():
+        if only is not None and name != only:
+            continue
         path = os.path.join(folder, file_name)
         size = os.path.getsize(path) if os.path.isfile(path) else _RELEASE_SIZES.get(file_name)
         rows.append((name, file_name, _format_size(size), _cache_status(url, path, args.download_root)))
@@ -268,20 +290,10 @@ def _cmd_download(args: argparse.Namespace) -> int:
     from . import _download
     from . import clip as clip_module
 
-    if not args.names and not args.all:
+    names = args.names + ([args.model] if args.model else [])
+    if not names and not args.all:
         args.parser.error("name the models to download (see 'clip models'), or pass --all")
-    names = list(clip_module._MODELS) if args.all else args.names
-    releases = []
-    for name in names:
-        release = clip_module._release_name(name, clip_module._MODELS)
-        if release is None:
-            # The same unknown-name error (with suggestions) that load() gives; a local file passes that check.
-            try:
-                clip_module._checkpoint_path(name, args.download_root)
-            except RuntimeError as error:
-                raise CLIError(str(error)) from None
-            raise CLIError(f"{name} is a local file, not a release name: there is nothing to download")
-        releases.append(release)
+    releases = list(clip_module._MODELS) if args.all else [_release_or_error(name) for name in names]
 
     folder = _download.cache_dir(args.download_root)
     failed = 0
@@ -301,7 +313,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from . import _download
 
     folder = _download.cache_dir(args.download_root)
-    results = _download.verify_cache(args.download_root)
+    only = _release_or_error(args.model) if args.model else None
+    files = [f for name, _url, f in _release_files() if name == only] if only else None
+    results = _download.verify_cache(args.download_root, files=files)
     for result in results:
         status = "ok" if result.ok else "FAILED"
         print(f"{status:<6}  {result.path}" + ("" if result.ok else f": {result.message}"))
@@ -309,7 +323,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     unchecked = 0
     for name, _url, file_name in _release_files():
         path = os.path.join(folder, file_name)
-        if os.path.isfile(path) and os.path.abspath(path) not in checked:
+        if (only is None or name == only) and os.path.isfile(path) and os.path.abspath(path) not in checked:
             unchecked += 1
             print(f"{'-':<6}  {path}: never verified, so there is no hash on record to check; "
                   f"'clip download {name}' verifies it")

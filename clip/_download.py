@@ -274,8 +274,8 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     return target
 
 
-def verify_cache(root: Optional[PathLike] = None) -> List[CacheCheck]:
-    """Re-hash every file of the cache folder that has a record, and report each.
+def verify_cache(root: Optional[PathLike] = None, *, files: Optional[Sequence[str]] = None) -> List[CacheCheck]:
+    """Re-hash every file of the cache folder that has a record (or only the named ``files``), and report each.
 
     Hashing streams each file; nothing is written. A file whose bytes changed while its size and modification time
     stayed the same passes the quick check `download` makes, and only this full check finds it.
@@ -292,8 +292,9 @@ def verify_cache(root: Optional[PathLike] = None) -> List[CacheCheck]:
         return []
     results = []
     for name in names:
-        if name.endswith(RECORD_SUFFIX) and len(name) > len(RECORD_SUFFIX):
-            results.append(_check_recorded(os.path.join(folder, name[:-len(RECORD_SUFFIX)])))
+        file_name = name[:-len(RECORD_SUFFIX)]
+        if name.endswith(RECORD_SUFFIX) and file_name and (files is None or file_name in files):
+            results.append(_check_recorded(os.path.join(folder, file_name)))
     return results
 
 

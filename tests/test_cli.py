@@ -114,8 +114,8 @@ def test_every_command_has_help(capsys, command):
     assert out.startswith(f"usage: clip {command}")
 
 
-@pytest.mark.parametrize("command", ["classify", "embed"])
-def test_model_commands_take_model_device_and_download_root(capsys, command):
+@pytest.mark.parametrize("command", ["models", "download", "verify", "classify", "embed"])
+def test_commands_take_model_device_and_download_root(capsys, command):
     _, out, _ = run(capsys, command, "--help")
     for option in ("--model", "--device", "--download-root"):
         assert option in out
@@ -250,6 +250,25 @@ def test_verify_reports_each_file_and_fails_on_a_corrupt_one(capsys, registry):
     assert code == 1
     assert f"FAILED  {target}: corrupt" in out
     assert "2 file(s) checked, 1 failed" in out
+
+
+def test_cache_commands_narrow_to_the_model_option(capsys, registry):
+    server, cache, files = registry
+    code, out, err = run(capsys, "download", "--model", "rn50", "--device", "cpu", "--download-root", cache)
+    assert code == 0, err
+    assert out.strip() == f"RN50: {cache / 'RN50.pt'}"
+    assert not (cache / "ViT-B-32.pt").exists()
+
+    code, out, _ = run(capsys, "models", "--model", "RN50", "--download-root", cache)
+    assert list(_status_lines(out)) == ["RN50"] and _status_lines(out)["RN50"].endswith("verified")
+
+    assert run(capsys, "download", "ViT-B/32", "--download-root", cache)[0] == 0
+    code, out, _ = run(capsys, "verify", "--model", "ViT-B-32", "--download-root", cache)
+    assert code == 0
+    assert "1 file(s) checked, 0 failed" in out and "RN50.pt" not in out
+
+    code, _, err = run(capsys, "verify", "--model", "ViT-B/33", "--download-root", cache)
+    assert code == 1 and "Did you mean 'ViT-B/32'" in err
 
 
 def test_verify_mentions_release_files_never_verified(capsys, registry):
