@@ -4,8 +4,9 @@ The pipeline is the one OpenAI's CLIP runs, step for step: ``ftfy.fix_text``, HT
 whitespace runs (``regex``'s ``\\s``) to one space, lower-case; split with the original pattern; map each word's
 UTF-8 bytes to printable characters; merge byte pairs by rank; look the symbols up. What differs changes no id:
 
-- text that is printable ASCII without ``&`` (tabs, newlines and form feeds allowed) skips ``ftfy`` and
-  ``html.unescape``, which provably leave such text unchanged (``tests/test_tokenizer.py`` pins this down);
+- text that ``ftfy`` and ``html.unescape`` provably leave unchanged skips them: printable ASCII without ``&``
+  (tabs, newlines and form feeds allowed), and one line of other text that holds no character any of ftfy 6's fixes
+  rewrites, is in NFC and does not look like mojibake to ftfy (``tests/test_tokenizer.py`` pins both down);
 - the cleaned text is cut at its spaces first (the pattern never matches a space), and the ids of each piece and of
   each word are cached, in bounded caches;
 - the merge loop scans a list instead of rebuilding sets, and a batch's tensor is filled from one int32 buffer.
@@ -21,9 +22,11 @@ import gzip
 import html
 import operator
 import os
+import re
 import threading
+import unicodedata
 import zlib
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import regex
 import torch
@@ -117,6 +120,74 @@ def _is_plain(text: str) -> bool:
     return text.isprintable() or text.translate(_PLAIN_WHITESPACE).isprintable()
 
 
+# The fixes of ftfy 6 (the fields of its TextFixerConfig). _ftfy_identity() reasons about exactly these: an ftfy
+# with another list is not the one it was written for.
+_FTFY_6_FIELDS = frozenset({
+    "unescape_html", "remove_terminal_escapes", "fix_encoding", "restore_byte_a0", "replace_lossy_sequences",
+    "decode_inconsistent_utf8", "fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
+    "fix_line_breaks", "fix_surrogates", "remove_control_chars", "normalization", "max_decode_length", "explain",
+})
+
+
+@functools.lru_cache()
+def _ftfy_identity() -> Optional[Callable[[str], bool]]:
+    """Return a test for text that ``ftfy.fix_text`` and ``html.unescape`` provably leave unchanged.
+
+    ``None`` where the installed ftfy is not ftfy 6, whose ``fix_text`` this follows: it fixes each line as one segment
+    (lines are cut at "\\n", and at ``max_decode_length`` characters), passing it through ``unescape_html`` (entities
+    need "&"), ``fix_encoding`` (which returns text unchanged unless ``ftfy.badness.is_bad``), then fixers that each
+    rewrite only the characters of one table or character class (C1 controls, ligatures, character widths, curly
+    quotes, line breaks, surrogates, terminal escapes, which need ESC, and control characters), then NFC; and it stops
+    after a pass that changed nothing. So a single line holding none of those characters, in NFC and not ``is_bad``,
+    comes out as it went in. The character sets are read from ftfy itself; ``tests/test_tokenizer.py`` checks the
+    claim on arbitrary text.
+    """
+    try:
+        import ftfy
+        from ftfy import badness, chardata, fixes
+
+        fields, defaults = ftfy.TextFixerConfig._fields, ftfy.TextFixerConfig._field_defaults
+        tables = (chardata.LIGATURES, chardata.WIDTH_MAP, chardata.CONTROL_CHARS)
+        classes = (chardata.C1_CONTROL_RE, chardata.SINGLE_QUOTE_RE, chardata.DOUBLE_QUOTE_RE, fixes.SURROGATE_RE)
+        is_bad = badness.is_bad
+    except (ImportError, AttributeError):
+        return None
+    if not ftfy.__version__.startswith("6.") or set(fields) != _FTFY_6_FIELDS:
+        return None
+    if defaults["normalization"] not in ("NFC", None):
+        return None
+    touched = {ord(c) for c in "&\n\r\x1b\x85\u2028\u2029"}  # entities, segments, line breaks, terminal escapes
+    for table in tables:
+        touched.update(table)
+    basic_plane = "".join(map(chr, range(0x10000)))  # where those classes lie; the whole range would take 0.1 s
+    for character_class in classes:
+        touched.update(map(ord, character_class.findall(basic_plane)))
+    pattern = "[" + "".join(f"\\U{start:08x}-\\U{end:08x}" for start, end in _ranges(touched)) + "]"
+    search = re.compile(pattern).search
+    limit = defaults["max_decode_length"]
+
+    def unchanged(text: str) -> bool:
+        return (
+            len(text) <= limit
+            and search(text) is None
+            and unicodedata.is_normalized("NFC", text)
+            and not is_bad(text)
+        )
+
+    return unchanged
+
+
+def _ranges(code_points: Iterable[int]) -> List[Tuple[int, int]]:
+    """Sorted code points as (first, last) runs of consecutive ones."""
+    runs: List[Tuple[int, int]] = []
+    for point in sorted(code_points):
+        if runs and runs[-1][1] == point - 1:
+            runs[-1] = (runs[-1][0], point)
+        else:
+            runs.append((point, point))
+    return runs
+
+
 def _chunks(text: str) -> List[str]:
     """The space-separated pieces of the original's cleaned text, ``whitespace_clean(basic_clean(text)).lower()``.
 
@@ -127,7 +198,11 @@ def _chunks(text: str) -> List[str]:
         # Only space, tab, newline and form feed can be whitespace here, where `regex`'s \s and str.split() agree;
         # and ASCII lower-casing maps no character to or from whitespace.
         return text.lower().split()
-    cleaned = whitespace_clean(basic_clean(text)).lower()
+    unchanged = _ftfy_identity()
+    if unchanged is not None and unchanged(text):
+        cleaned = whitespace_clean(text.strip()).lower()  # what basic_clean() gives for such text
+    else:
+        cleaned = whitespace_clean(basic_clean(text)).lower()
     return cleaned.split(" ") if cleaned else []
 
 
@@ -365,8 +440,8 @@ class SimpleTokenizer:
 def _too_long_message(text: str, index: int, n_tokens: int, context_length: int) -> str:
     start = text if len(text) <= 40 else text[:40] + "..."
     return (
-        f"Input {start!r} (item {index}) is too long for context length {context_length}: it makes {n_tokens} "
-        f"tokens with the start and end tokens. Pass truncate=True to cut it to {context_length} tokens, "
+        f"Input {start!r} (item {index}) is too long for context length {context_length}: it needs {n_tokens} "
+        f"tokens, counting the start and end tokens. Pass truncate=True to cut it to {context_length} tokens, "
         f"ending with the end-of-text token."
     )
 

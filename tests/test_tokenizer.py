@@ -146,7 +146,8 @@ messy_text = st.lists(st.one_of(pieces, pieces, st.text(max_size=4), any_char), 
 ascii_text = st.lists(
     st.one_of(st.sampled_from([p for p in PIECES if p.isascii()]), st.characters(max_codepoint=127)), max_size=30
 ).map("".join)
-texts = st.one_of(st.text(), messy_text, ascii_text)
+unicode_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)  # no lone surrogates
+texts = st.one_of(st.text(), messy_text, ascii_text, unicode_text)
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -293,7 +294,7 @@ def test_truncation_keeps_the_first_76_ids_and_ends_with_eot(tokenizer, text):
 
 
 @settings(max_examples=1000, deadline=None)
-@given(st.one_of(ascii_text, st.text(st.characters(max_codepoint=127)), messy_text))
+@given(st.one_of(ascii_text, st.text(st.characters(max_codepoint=127)), messy_text, unicode_text))
 @example("a&b")
 @example("tab\there\nnew line\x0cform feed")
 @example("carriage\r\nreturn")
@@ -303,6 +304,38 @@ def test_plain_text_is_left_unchanged_by_ftfy_and_unescape(text):
         assert ftfy.fix_text(text) == text
         assert html.unescape(text) == text
     assert tk._chunks(text) == [c for c in ReferenceTokenizer.clean(text).split(" ") if c]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(unicode_text, messy_text, st.text()))
+@example("café Zürich 😀 日本語")
+@example("a\u0301")
+@example("Ã©")
+@example("\u00a0x")
+def test_ftfy_is_skipped_only_where_it_changes_nothing(text):
+    unchanged = tk._ftfy_identity()
+    assert unchanged is not None  # ftfy 6 is installed here: the check must be live, or this tests nothing
+    if unchanged(text):
+        assert ftfy.fix_text(text) == text
+        assert html.unescape(html.unescape(text)) == text
+
+
+def test_ftfy_is_skipped_only_where_it_changes_nothing_for_single_characters():
+    unchanged = tk._ftfy_identity()
+    points = [*range(0x80, 0x600), *range(0x2000, 0x2070), *range(0xFB00, 0xFB10), *range(0xFF00, 0x10000),
+              *range(0, 0x110000, 97)]
+    for point in points:
+        for text in (chr(point), "a" + chr(point) + "b", "\u00e9" + chr(point)):
+            if unchanged(text):
+                assert ftfy.fix_text(text) == text, repr(text)
+
+
+def test_fast_paths_are_taken_where_they_should_be():
+    unchanged = tk._ftfy_identity()
+    for text in ["café", "Zürich 😀", "日本語 テキスト", "Москва", "naïve", "\u00a0non-breaking"]:
+        assert unchanged(text), text
+    for text in ["Ã©tÃ©", "“quoted”", "ﬁne", "ＦＵＬＬ", "e\u0301", "a&amp;b", "two\nlines", "\x85", "bell\x07"]:
+        assert not unchanged(text), text
 
 
 def test_fast_path_is_taken_for_plain_text_only():
