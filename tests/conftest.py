@@ -22,6 +22,19 @@ def _require(path: pathlib.Path, what: str) -> pathlib.Path:
     pytest.skip(f"{what} not found at {path}")
 
 
+@pytest.fixture
+def local_network(monkeypatch):
+    """Downloads on: no offline switch, no mirror, no proxy between us and the server on 127.0.0.1.
+
+    (The environment running the tests may set ``HF_HUB_OFFLINE`` or a proxy.)
+    """
+    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                 "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
     return _require(GOLDEN, "the golden data folder")

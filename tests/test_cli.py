@@ -22,19 +22,6 @@ from httpserver import LocalServer
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def local_network(monkeypatch):
-    """Downloads on: no offline switch, no mirror, no proxy between us and the server on 127.0.0.1.
-
-    (The environment running the tests may set ``HF_HUB_OFFLINE`` or a proxy.)
-    """
-    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
-                 "http_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """A tiny random ViT saved as a plain state dict: every command's --model."""

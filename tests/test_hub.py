@@ -18,19 +18,6 @@ ENTRY_POINTS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT_B_32", "Vi
                 "ViT_L_14_336px"]
 
 
-@pytest.fixture
-def local_network(monkeypatch):
-    """Downloads on: no offline switch, no mirror, no proxy between us and the server on 127.0.0.1.
-
-    (The environment running the tests may set ``HF_HUB_OFFLINE`` or a proxy.)
-    """
-    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
-                 "http_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-
-
 def _hubconf():
     """hubconf.py imported as torch.hub imports it (torch.hub.list and help only take GitHub repositories)."""
     spec = importlib.util.spec_from_file_location("hubconf", REPO / "hubconf.py")

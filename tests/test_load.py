@@ -132,7 +132,7 @@ def test_default_device_is_decided_at_call_time(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def served_release(tmp_path, monkeypatch):
+def served_release(tmp_path, monkeypatch, local_network):
     """A synthetic ViT-B/32 release served on 127.0.0.1 under a registry URL with its real SHA-256."""
     data = open(save_archive(tmp_path / "src.pt", random_state_dict(TINY_VIT)), "rb").read()
     digest = hashlib.sha256(data).hexdigest()
