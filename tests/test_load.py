@@ -69,6 +69,7 @@ def test_golden_outputs_through_torchscript(golden, golden_files, name):
     assert preprocess.transforms[1].size == (image.shape[-1], image.shape[-1])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_jit_patches_cuda_constants_and_float16_casts(tmp_path):
     """An archive whose graphs name "cuda" and cast to float16, as releases traced on GPUs do, runs on the CPU."""
     state_dict = random_state_dict(TINY_VIT)
