@@ -10,6 +10,7 @@ files, Hugging Face and open_clip folders and key layouts)
 - wrapped checkpoints ``{"state_dict": ...}`` or ``{"model": ...}``, a DataParallel ``module.`` prefix and a
   ``torch.compile`` ``_orig_mod.`` prefix.
 """
+import mmap
 import os
 import pickle
 import re
@@ -229,27 +230,42 @@ def _collect_tensors(obj: _ArchivedObject, prefix: str, out: StateDict) -> None:
 
 def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch.dtype, numel: int,
                 path: str) -> torch.Tensor:
-    """Read one storage entry into a new CPU tensor of ``numel`` elements, straight from the file."""
+    """One storage entry as a CPU tensor of ``numel`` elements, mapped from the file where it is stored as is."""
     info = archive.getinfo(name)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if info.file_size != nbytes:
         raise CheckpointError(f"{path}: entry {name} has {info.file_size} bytes, expected {nbytes}; it is damaged")
     if nbytes == 0:
         return torch.empty(0, dtype=dtype)
-    buffer = bytearray(nbytes)
-    if info.compress_type == zipfile.ZIP_STORED:
-        # Archives store tensors uncompressed: read them in one call into the final buffer, without zipfile's
-        # intermediate copies.
+    if info.compress_type == zipfile.ZIP_STORED:  # torch stores tensors uncompressed
         raw.seek(info.header_offset)
         signature, name_length, extra_length = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
         if signature != b"PK\x03\x04":
             raise CheckpointError(f"{path}: entry {name} has a broken header; the file is damaged")
-        raw.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
-        received = raw.readinto(buffer)
-    else:
-        with archive.open(info) as f:
-            received = f.readinto(buffer)
+        offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        available = os.fstat(raw.fileno()).st_size - offset
+        if available < nbytes:
+            raise CheckpointError(f"{path} is truncated: entry {name} has {max(available, 0)} of {nbytes} bytes; "
+                                  f"delete the file and fetch it again")
+        return _map_entry(raw, offset, nbytes, dtype)
+    buffer = bytearray(nbytes)
+    with archive.open(info) as f:
+        received = f.readinto(buffer)
     if received != nbytes:
         raise CheckpointError(f"{path} is truncated: entry {name} has {received} of {nbytes} bytes; "
                               f"delete the file and fetch it again")
     return torch.frombuffer(buffer, dtype=dtype)
+
+
+def _map_entry(raw: BinaryIO, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over ``nbytes`` of the file at ``offset``, through a private memory map of just those pages.
+
+    Nothing is read until the tensor is used, and each entry has its own map, which is unmapped when its tensor is
+    freed: a loader that converts tensors one by one and drops them holds the file's pages only for the tensor at
+    hand, never the whole file beside the converted model. The map is copy-on-write, so the tensor is writable and
+    writes never reach the file.
+    """
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps must start on a granularity boundary
+    mapped = mmap.mmap(raw.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mapped, dtype=dtype, count=nbytes // itemsize, offset=offset - start)

@@ -186,10 +186,11 @@ def test_registry_urls_carry_their_hashes():
         assert filename == name.replace("/", "-").replace("@", "-") + ".pt"
 
 
-def test_mmap_loaded_weights_survive_the_file_being_replaced(tmp_path):
-    """Plain state dicts are memory-mapped while reading; the model must own its memory afterwards."""
+@pytest.mark.parametrize("save", [save_state_dict, save_archive], ids=["state-dict", "archive"])
+def test_mmap_loaded_weights_survive_the_file_being_replaced(tmp_path, save):
+    """Files are memory-mapped while reading; the model must own its memory afterwards."""
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in random_state_dict(TINY_VIT).items()}
-    path = save_state_dict(tmp_path / "weights.pth", state_dict)
+    path = save(tmp_path / "weights.pth", state_dict)
     model, _ = clip.load(path, device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # Rewrite the file in place (same inode, as a careless copy would) and replace it (new inode).
