@@ -6,7 +6,8 @@ files, Hugging Face and open_clip folders and key layouts)
 - release TorchScript archives: the module tree in ``data.pkl`` is unpickled by a restricted unpickler that can
   only rebuild tensors (from the zip's ``data/<key>`` entries) and record attribute names; the TorchScript code
   and constants are never read;
-- plain ``torch.save`` files, read with ``weights_only=True`` (memory-mapped when they are zip files);
+- plain ``torch.save`` zip files, read by the same unpickler, or by ``torch.load(weights_only=True)`` when they
+  hold objects it does not know; legacy (non-zip) ``torch.save`` files with ``weights_only=True``;
 - wrapped checkpoints ``{"state_dict": ...}`` or ``{"model": ...}``, a DataParallel ``module.`` prefix and a
   ``torch.compile`` ``_orig_mod.`` prefix.
 """
@@ -51,8 +52,9 @@ class CheckpointError(RuntimeError, ValueError):
 def read_state_dict(path: str) -> StateDict:
     """Read a checkpoint file or folder into a flat ``{key: tensor}`` dict on the CPU, in the release layout.
 
-    Tensors may share memory with each other (views) and, for plain ``torch.save`` zip files, with a memory map
-    of the file: callers that keep them copy them (``build_model`` does).
+    Tensors of zip files are views of private memory maps of the file, one per entry, unmapped when the tensor is
+    freed: callers that keep them copy them (``build_model`` does), and a loader that converts them one at a time
+    and drops each never holds the whole file in memory.
 
     Raises
     ------
@@ -68,10 +70,7 @@ def read_state_dict(path: str) -> StateDict:
     if _formats.is_safetensors(path):
         state_dict = _formats.read_safetensors(path)
     elif zipfile.is_zipfile(path):
-        if is_torchscript_archive(path):
-            state_dict = _read_archive(path)
-        else:
-            state_dict = _torch_load(path, mmap=True)
+        state_dict = _read_zip(path)
     else:
         state_dict = _torch_load(path, mmap=False)
     return _formats.to_openai_layout(_unwrap(state_dict, path), path)
@@ -149,6 +148,13 @@ class _ArchivedObject:
         self.attributes = state if isinstance(state, dict) else {}
 
 
+class _Dict(dict):
+    """An ``OrderedDict`` of a checkpoint, read as a dict; the ``_metadata`` attribute torch.save adds is dropped."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
 class _Storage:
     """A storage class named in a persistent id; only its dtype matters."""
 
@@ -165,7 +171,7 @@ def _identity(value: Any, *_unused: Any) -> Any:
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
-    """Unpickles an archive's ``data.pkl`` allowing nothing but tensors, storages and module placeholders."""
+    """Unpickles a zip checkpoint's ``data.pkl`` allowing nothing but tensors, storages, dicts and module stand-ins."""
 
     def __init__(self, file: BinaryIO, load_storage) -> None:
         super().__init__(file)
@@ -180,7 +186,9 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGE_DTYPES:
             return _Storage(_STORAGE_DTYPES[name])
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _Dict
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _identity  # a saved nn.Parameter: its data is the tensor
         if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
             return _identity  # typed list and dict wrappers: the plain value is all we need
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a checkpoint archive may only hold tensors")
@@ -194,29 +202,52 @@ class _ArchiveUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _read_archive(path: str) -> StateDict:
-    """The tensors of a TorchScript archive, keyed by their dotted module paths, without running TorchScript."""
+def _read_zip(path: str) -> Any:
+    """A zip checkpoint's contents, each tensor mapped from the file, without running TorchScript or pickled code.
+
+    TorchScript archives and ``torch.save`` files share a layout: ``<top>/data.pkl`` pickles an object tree whose
+    tensors name their storages' entries ``<top>/data/<key>``. An archive's tree is modules, whose dotted attribute
+    paths are the state-dict keys; a ``torch.save`` file's is the saved dict. A ``torch.save`` file holding more
+    than tensors and plain containers (an optimizer's state, numpy scalars, ...) goes to ``torch.load`` with
+    ``weights_only=True``, which decides what is safe; so does one written on a big-endian machine.
+    """
+    archive = is_torchscript_archive(path)
     try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-            data_pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
-            if data_pkl is None:
-                raise CheckpointError(f"{path} is a TorchScript archive without data.pkl; it is damaged")
-            top = data_pkl.rsplit("/", 1)[0]
-
-            def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-                return _read_entry(archive, raw, f"{top}/data/{key}", dtype, numel, path)
-
-            with archive.open(data_pkl) as f:
-                root = _ArchiveUnpickler(f, load_storage).load()
-    except (zipfile.BadZipFile, EOFError, KeyError, struct.error) as e:
-        raise _not_a_checkpoint(path, e) from e
+        root = _unpickle_zip(path, little_endian_only=not archive)
     except pickle.UnpicklingError as e:
+        if not archive:
+            return _torch_load(path, mmap=True)
         raise CheckpointError(f"{path}: {e}; refusing it") from e
+    if not archive:
+        return root
     if not isinstance(root, _ArchivedObject):
         raise CheckpointError(f"{path} is a TorchScript archive, but its data.pkl holds no module")
     state_dict: StateDict = {}
     _collect_tensors(root, "", state_dict)
     return state_dict
+
+
+def _unpickle_zip(path: str, *, little_endian_only: bool) -> Any:
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            names = archive.namelist()
+            data_pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if data_pkl is None:
+                raise CheckpointError(f"{path} is a zip file without data.pkl; expected a checkpoint")
+            top = data_pkl.rsplit("/", 1)[0]
+            if little_endian_only and f"{top}/byteorder" in names and archive.read(f"{top}/byteorder") != b"little":
+                raise pickle.UnpicklingError("tensors stored big-endian")
+
+            def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+                return _read_entry(archive, raw, f"{top}/data/{key}", dtype, numel, path)
+
+            with archive.open(data_pkl) as f:
+                return _ArchiveUnpickler(f, load_storage).load()
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, KeyError, struct.error, TypeError, ValueError, AttributeError,
+            IndexError) as e:  # a damaged or hand-made data.pkl feeding our builders something else
+        raise _not_a_checkpoint(path, e) from e
 
 
 def _collect_tensors(obj: _ArchivedObject, prefix: str, out: StateDict) -> None:

@@ -48,6 +48,22 @@ def test_plain_and_wrapped_state_dicts(tmp_path, wrap, prefix):
     assert_same_tensors(read_state_dict(path), want)
 
 
+def test_plain_state_dicts_are_mapped_without_torch_load(tmp_path, monkeypatch):
+    state_dict = random_state_dict(TINY_VIT)
+    path = save_state_dict(tmp_path / "weights.pth", state_dict, wrap="state_dict")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load should not be needed"))
+    want = {k: v for k, v in state_dict.items() if k not in SCALARS}
+    assert_same_tensors(read_state_dict(path), want)
+
+
+def test_objects_beyond_tensors_go_to_torch_load_weights_only(tmp_path):
+    """A checkpoint with an object our unpickler does not rebuild (a torch.Size) loads through weights_only."""
+    state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in SCALARS}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": state_dict, "epoch": 7, "input_shape": torch.Size([3, 32, 32])}, path)
+    assert_same_tensors(read_state_dict(str(path)), state_dict)
+
+
 def test_legacy_non_zip_torch_save(tmp_path):
     state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in SCALARS}
     path = tmp_path / "legacy.pt"
