@@ -3,7 +3,6 @@ import hashlib
 import importlib.util
 import pathlib
 
-import pytest
 import torch
 from PIL import Image
 

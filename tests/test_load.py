@@ -1,6 +1,5 @@
 """clip.load end to end: golden outputs through every file kind and both paths, names, devices, fallbacks."""
 import hashlib
-import warnings
 
 import pytest
 import torch

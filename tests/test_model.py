@@ -5,7 +5,6 @@ import pathlib
 import pytest
 import torch
 
-import clip
 from clip.model import CLIP, build_model, convert_weights, infer_dims
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict
 
