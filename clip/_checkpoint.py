@@ -17,7 +17,7 @@ import pickle
 import re
 import struct
 import zipfile
-from typing import Any, BinaryIO, Dict, Optional
+from typing import Any, BinaryIO, Dict, List, Optional
 
 import torch
 
@@ -92,6 +92,11 @@ def is_torchscript_archive(path: str) -> bool:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
+    return _is_scripted(names)
+
+
+def _is_scripted(names: List[str]) -> bool:
+    """Whether a zip's entry names are a TorchScript archive's (its code and constants beside the data)."""
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
@@ -211,14 +216,22 @@ def _read_zip(path: str) -> Any:
     than tensors and plain containers (an optimizer's state, numpy scalars, ...) goes to ``torch.load`` with
     ``weights_only=True``, which decides what is safe; so does one written on a big-endian machine.
     """
-    archive = is_torchscript_archive(path)
     try:
-        root = _unpickle_zip(path, little_endian_only=not archive)
-    except pickle.UnpicklingError as e:
-        if not archive:
-            return _torch_load(path, mmap=True)
-        raise CheckpointError(f"{path}: {e}; refusing it") from e
-    if not archive:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            names = archive.namelist()
+            scripted = _is_scripted(names)
+            try:
+                root = _unpickle_zip(path, archive, raw, names, little_endian_only=not scripted)
+            except pickle.UnpicklingError as e:
+                if scripted:
+                    raise CheckpointError(f"{path}: {e}; refusing it") from e
+                return _torch_load(path, mmap=True)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, KeyError, struct.error, TypeError, ValueError, AttributeError,
+            IndexError) as e:  # a damaged or hand-made data.pkl feeding our builders something else
+        raise _not_a_checkpoint(path, e) from e
+    if not scripted:
         return root
     if not isinstance(root, _ArchivedObject):
         raise CheckpointError(f"{path} is a TorchScript archive, but its data.pkl holds no module")
@@ -227,27 +240,20 @@ def _read_zip(path: str) -> Any:
     return state_dict
 
 
-def _unpickle_zip(path: str, *, little_endian_only: bool) -> Any:
-    try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-            names = archive.namelist()
-            data_pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
-            if data_pkl is None:
-                raise CheckpointError(f"{path} is a zip file without data.pkl; expected a checkpoint")
-            top = data_pkl.rsplit("/", 1)[0]
-            if little_endian_only and f"{top}/byteorder" in names and archive.read(f"{top}/byteorder") != b"little":
-                raise pickle.UnpicklingError("tensors stored big-endian")
+def _unpickle_zip(path: str, archive: zipfile.ZipFile, raw: BinaryIO, names: List[str], *,
+                  little_endian_only: bool) -> Any:
+    data_pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
+    if data_pkl is None:
+        raise CheckpointError(f"{path} is a zip file without data.pkl; expected a checkpoint")
+    top = data_pkl.rsplit("/", 1)[0]
+    if little_endian_only and f"{top}/byteorder" in names and archive.read(f"{top}/byteorder") != b"little":
+        raise pickle.UnpicklingError("tensors stored big-endian")
 
-            def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-                return _read_entry(archive, raw, f"{top}/data/{key}", dtype, numel, path)
+    def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        return _read_entry(archive, raw, f"{top}/data/{key}", dtype, numel, path)
 
-            with archive.open(data_pkl) as f:
-                return _ArchiveUnpickler(f, load_storage).load()
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, KeyError, struct.error, TypeError, ValueError, AttributeError,
-            IndexError) as e:  # a damaged or hand-made data.pkl feeding our builders something else
-        raise _not_a_checkpoint(path, e) from e
+    with archive.open(data_pkl) as f:
+        return _ArchiveUnpickler(f, load_storage).load()
 
 
 def _collect_tensors(obj: _ArchivedObject, prefix: str, out: StateDict) -> None:
