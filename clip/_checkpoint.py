@@ -269,12 +269,13 @@ def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch
                 path: str) -> torch.Tensor:
     """One storage entry as a CPU tensor of ``numel`` elements, mapped from the file where it is stored as is."""
     info = archive.getinfo(name)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * itemsize
     if info.file_size != nbytes:
         raise CheckpointError(f"{path}: entry {name} has {info.file_size} bytes, expected {nbytes}; it is damaged")
     if nbytes == 0:
         return torch.empty(0, dtype=dtype)
-    if info.compress_type == zipfile.ZIP_STORED:  # torch stores tensors uncompressed
+    if info.compress_type == zipfile.ZIP_STORED:  # torch stores tensors uncompressed, 64-byte aligned
         raw.seek(info.header_offset)
         signature, name_length, extra_length = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
         if signature != b"PK\x03\x04":
@@ -284,7 +285,8 @@ def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch
         if available < nbytes:
             raise CheckpointError(f"{path} is truncated: entry {name} has {max(available, 0)} of {nbytes} bytes; "
                                   f"delete the file and fetch it again")
-        return _map_entry(raw, offset, nbytes, dtype)
+        if offset % itemsize == 0:  # an unaligned entry (a hand-made zip) is read into aligned memory below
+            return _map_entry(raw, offset, numel, dtype)
     buffer = bytearray(nbytes)
     with archive.open(info) as f:
         received = f.readinto(buffer)
@@ -294,8 +296,8 @@ def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch
     return torch.frombuffer(buffer, dtype=dtype)
 
 
-def _map_entry(raw: BinaryIO, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor over ``nbytes`` of the file at ``offset``, through a private memory map of just those pages.
+def _map_entry(raw: BinaryIO, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over ``numel`` elements of the file at ``offset``, through a private memory map of just those pages.
 
     Nothing is read until the tensor is used, and each entry has its own map, which is unmapped when its tensor is
     freed: a loader that converts tensors one by one and drops them holds the file's pages only for the tensor at
@@ -303,6 +305,6 @@ def _map_entry(raw: BinaryIO, offset: int, nbytes: int, dtype: torch.dtype) -> t
     writes never reach the file.
     """
     start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps must start on a granularity boundary
-    mapped = mmap.mmap(raw.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return torch.frombuffer(mapped, dtype=dtype, count=nbytes // itemsize, offset=offset - start)
+    length = offset - start + numel * torch.empty((), dtype=dtype).element_size()
+    mapped = mmap.mmap(raw.fileno(), length, offset=start, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset - start)

@@ -64,6 +64,17 @@ def test_objects_beyond_tensors_go_to_torch_load_weights_only(tmp_path):
     assert_same_tensors(read_state_dict(str(path)), state_dict)
 
 
+def test_compressed_entries_are_read_too(tmp_path):
+    """A zip rewritten by a generic tool (deflated entries, no alignment) still reads, just not memory-mapped."""
+    state_dict = random_state_dict(TINY_VIT)
+    source = save_archive(tmp_path / "model.pt", state_dict)
+    path = tmp_path / "recompressed.pt"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as copy:
+        for info in original.infolist():
+            copy.writestr(info.filename, original.read(info))
+    assert_same_tensors(read_state_dict(str(path)), state_dict)
+
+
 def test_legacy_non_zip_torch_save(tmp_path):
     state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in SCALARS}
     path = tmp_path / "legacy.pt"
