@@ -15,7 +15,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from . import _download as _downloads
 from ._checkpoint import CheckpointError, read_state_dict
 from .model import CLIP, model_from_state_dict
-from .simple_tokenizer import tokenize
+from . import simple_tokenizer as _simple_tokenizer
 
 __all__ = ["available_models", "load", "tokenize"]
 
@@ -56,6 +56,18 @@ def _download(url: str, root: Optional[str] = None) -> str:
 def verify_cache(download_root: Optional[str] = None) -> list:
     """Re-hash every recorded file in the cache folder and report each; see ``clip._download.verify_cache``."""
     return _downloads.verify_cache(download_root)
+
+
+def tokenize(texts: Union[str, List[str]], context_length: int = 77, truncate: bool = False) -> torch.IntTensor:
+    """Tokenize text(s) into CLIP's input rows: an int32 tensor ``[number of texts, context_length]``.
+
+    Each row is 49406 (start of text), the text's ids, 49407 (end of text), then zeros. A text that does not fit
+    raises ``RuntimeError`` unless ``truncate``, which cuts it and ends the row with 49407. See
+    ``clip.simple_tokenizer.tokenize``. A tokenizer a client assigns to ``clip.clip._tokenizer`` is used, as the
+    original used its module-level tokenizer.
+    """
+    # Only an assigned attribute is in globals(); reading clip.clip._tokenizer otherwise goes to __getattr__ below.
+    return _simple_tokenizer.tokenize(texts, context_length, truncate, tokenizer=globals().get("_tokenizer"))
 
 
 def _convert_image_to_rgb(image: Image.Image) -> Image.Image:
@@ -175,7 +187,5 @@ def _build(path: str, device: torch.device) -> CLIP:
 def __getattr__(name: str) -> Any:
     # The original built a module-level tokenizer at import; ours is made on first use by clients that touch it.
     if name == "_tokenizer":
-        from .simple_tokenizer import _default_tokenizer
-
-        return _default_tokenizer()
+        return _simple_tokenizer._default_tokenizer()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ import re
 import threading
 import unicodedata
 import zlib
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import regex
 import torch
@@ -410,31 +410,38 @@ class SimpleTokenizer:
 
     def _tokenize(self, texts: TextInput, context_length: int, truncate: bool) -> torch.IntTensor:
         """The rows of :func:`tokenize` for this tokenizer."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            return torch.zeros(0, context_length, dtype=torch.int32)
-        room = context_length - 2  # the ids that fit between the start and end tokens
-        sot, eot = self.encoder[START_OF_TEXT], self.encoder[END_OF_TEXT]  # 49406 and 49407
-        # The whole batch in one zeroed int32 buffer ("i" is 32-bit on every platform torch supports), each row's ids
-        # copied in as a block: four times faster than filling a list and converting it.
-        rows = array.array("i", bytes(4 * len(texts) * context_length))
-        start = 0
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"tokenize() takes a str or a list of str; item {i} is a {type(text).__name__}")
-            ids = self._ids(text)
-            n = len(ids)
-            if n > room:
-                if not truncate:
-                    raise RuntimeError(_too_long_message(text, i, n + 2, context_length))
-                ids = ids[:room]
-                n = room
-            rows[start] = sot
-            rows[start + 1 : start + 1 + n] = ids
-            rows[start + 1 + n] = eot
-            start += context_length
-        # [len(texts) * context_length] -> [len(texts), context_length]; the clone owns its memory, as any tensor.
-        return torch.frombuffer(rows, dtype=torch.int32).view(len(texts), context_length).clone()
+        return _rows(texts, context_length, truncate, self._ids, self.encoder[START_OF_TEXT],
+                     self.encoder[END_OF_TEXT])
+
+
+def _rows(texts: TextInput, context_length: int, truncate: bool, ids_of: Callable[[str], "array.array[int]"],
+          sot: int, eot: int) -> torch.IntTensor:
+    """Each text's ids (an int32 array from ``ids_of``) between ``sot`` and ``eot``, zero-padded to
+    ``context_length``."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        return torch.zeros(0, context_length, dtype=torch.int32)
+    room = context_length - 2  # the ids that fit between the start and end tokens
+    # The whole batch in one zeroed int32 buffer ("i" is 32-bit on every platform torch supports), each row's ids
+    # copied in as a block: four times faster than filling a list and converting it.
+    rows = array.array("i", bytes(4 * len(texts) * context_length))
+    start = 0
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize() takes a str or a list of str; item {i} is a {type(text).__name__}")
+        ids = ids_of(text)
+        n = len(ids)
+        if n > room:
+            if not truncate:
+                raise RuntimeError(_too_long_message(text, i, n + 2, context_length))
+            ids = ids[:room]
+            n = room
+        rows[start] = sot
+        rows[start + 1 : start + 1 + n] = ids
+        rows[start + 1 + n] = eot
+        start += context_length
+    # [len(texts) * context_length] -> [len(texts), context_length]; the clone owns its memory, as any tensor.
+    return torch.frombuffer(rows, dtype=torch.int32).view(len(texts), context_length).clone()
 
 
 def _too_long_message(text: str, index: int, n_tokens: int, context_length: int) -> str:
@@ -462,7 +469,8 @@ def _default_tokenizer() -> SimpleTokenizer:
     return tokenizer
 
 
-def tokenize(texts: TextInput, context_length: int = 77, truncate: bool = False) -> torch.IntTensor:
+def tokenize(texts: TextInput, context_length: int = 77, truncate: bool = False, *,
+             tokenizer: Optional[Any] = None) -> torch.IntTensor:
     """Tokenize text(s) into CLIP's input rows.
 
     Parameters
@@ -473,6 +481,8 @@ def tokenize(texts: TextInput, context_length: int = 77, truncate: bool = False)
         Length of each row; every CLIP model uses 77.
     truncate : bool
         Cut a text that does not fit, ending its row with the end-of-text token (49407), instead of raising.
+    tokenizer : SimpleTokenizer or similar, optional
+        The tokenizer to use (anything with ``encode`` and ``encoder``); default the shared one, built on first use.
 
     Returns
     -------
@@ -491,7 +501,14 @@ def tokenize(texts: TextInput, context_length: int = 77, truncate: bool = False)
     context_length = operator.index(context_length)  # an int, or an integer type such as numpy's
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2 (the start and end tokens), got {context_length}")
-    return _default_tokenizer()._tokenize(texts, context_length, truncate)
+    if tokenizer is None:
+        tokenizer = _default_tokenizer()
+    if type(tokenizer).encode is SimpleTokenizer.encode:  # ours, or a subclass that keeps our encode
+        return tokenizer._tokenize(texts, context_length, truncate)
+    # Another tokenizer (a client's own, assigned to clip.clip._tokenizer): its encode and special ids, as the
+    # original's tokenize used them.
+    return _rows(texts, context_length, truncate, lambda text: array.array("i", tokenizer.encode(text)),
+                 tokenizer.encoder[START_OF_TEXT], tokenizer.encoder[END_OF_TEXT])
 
 
 def default_bpe() -> str:

@@ -449,8 +449,42 @@ def test_clip_package_exposes_the_tokenizer():
     import clip
     import clip.clip
 
-    assert clip.tokenize is tk.tokenize
+    assert clip.tokenize is clip.clip.tokenize
+    assert torch.equal(clip.tokenize(["a dog", "a cat"]), tk.tokenize(["a dog", "a cat"]))
     assert clip.clip._tokenizer is tk._default_tokenizer()
+
+
+@pytest.fixture
+def assigned_tokenizer():
+    """Assign to clip.clip._tokenizer as clients do; afterwards the attribute is gone again (not reset to a value)."""
+    import clip.clip
+
+    yield lambda tokenizer: setattr(clip.clip, "_tokenizer", tokenizer)
+    clip.clip.__dict__.pop("_tokenizer", None)
+
+
+def test_a_tokenizer_assigned_to_clip_clip_is_used(assigned_tokenizer):
+    """Clients replace the original's module-level tokenizer; clip.tokenize then uses theirs."""
+    import clip.clip
+
+    class Shouting:
+        encoder = {"<|startoftext|>": 1, "<|endoftext|>": 2}
+
+        def encode(self, text):
+            return [ord(c) for c in text.upper()]
+
+    assigned_tokenizer(Shouting())
+    rows = clip.clip.tokenize(["ab", "c"], context_length=5)
+    assert rows.tolist() == [[1, 65, 66, 2, 0], [1, 67, 2, 0, 0]]
+    assert clip.clip.tokenize("abcd", context_length=5, truncate=True).tolist() == [[1, 65, 66, 67, 2]]
+    with pytest.raises(RuntimeError, match="too long"):
+        clip.clip.tokenize("abcd", context_length=5)
+
+    class Subclass(tk.SimpleTokenizer):
+        pass
+
+    assigned_tokenizer(Subclass())
+    assert torch.equal(clip.clip.tokenize("a photo of a dog"), tk.tokenize("a photo of a dog"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
