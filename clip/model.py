@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 __all__ = [
     "AttentionPool2d",
@@ -296,11 +297,15 @@ class CLIP(nn.Module):
                 output_dim=embed_dim,
             )
 
+        # The text fast path (encode_text) is exact only while every block uses this very mask, unchanged; the
+        # private copy tells an in-place change.
+        self._causal_mask = self.build_attention_mask()
+        self._causal_mask_copy = self._causal_mask.clone()
         self.transformer = Transformer(
             width=transformer_width,
             layers=transformer_layers,
             heads=transformer_heads,
-            attn_mask=self.build_attention_mask(),
+            attn_mask=self._causal_mask,
         )
 
         self.vocab_size = vocab_size
@@ -362,13 +367,14 @@ class CLIP(nn.Module):
         """Text features: the transformer output at each row's end-of-text token, projected.
 
         The causal mask means the end-of-text position never sees later positions, so the transformer runs only
-        up to the longest end-of-text position of the batch; the features are the same. When any hook is
-        registered on the text path (``transformer``, its blocks, ``ln_final``), while tracing or compiling, the
-        full ``context_length`` is computed, so hooks see exactly the original's shapes.
+        up to the longest end-of-text position of the batch; the features are the same. The full
+        ``context_length`` is computed, as the original does, whenever the shortcut might show: a hook on the text
+        path (``transformer``, its blocks, ``ln_final``) or a global module hook, a changed or replaced attention
+        mask, a replaced, subclassed or patched text module or method, tracing, scripting or compiling.
         """
         x = self.token_embedding(text).type(self.dtype)  # [N, n_ctx, d_model]
         eot = text.argmax(dim=-1)  # [N]: the end-of-text token has the highest id in each row
-        length = x.shape[1] if self._text_path_observed() else int(eot.max()) + 1
+        length = int(eot.max()) + 1 if self._text_path_is_plain() else x.shape[1]
         x = x[:, :length] + self.positional_embedding[:length].type(self.dtype)  # [N, length, d_model]
         x = x.permute(1, 0, 2)  # NLD -> LND
         x = self.transformer(x)
@@ -378,13 +384,21 @@ class CLIP(nn.Module):
         x = x[torch.arange(x.shape[0]), eot] @ self.text_projection  # [N, embed_dim]
         return x
 
-    def _text_path_observed(self) -> bool:
-        """Whether anything may look at the text activations' shapes, so they must stay full length."""
+    def _text_path_is_plain(self) -> bool:
+        """Whether the text path is this module's own, unobserved and causal, so a shorter run gives the same."""
         if torch.jit.is_tracing() or torch.jit.is_scripting() or _is_compiling():
-            return True  # a trace or graph would bake in this batch's length
+            return False  # a trace or graph would bake in this batch's length
         if _has_global_hooks():
-            return True
-        return any(_has_hooks(m) for m in (*self.transformer.modules(), self.ln_final))
+            return False
+        mask = getattr(self, "_causal_mask", None)
+        if mask is None or not torch.equal(mask, self._causal_mask_copy):
+            return False
+        for module in (*self.transformer.modules(), self.ln_final):
+            if not _is_pristine(module) or _has_hooks(module):
+                return False
+            if isinstance(module, ResidualAttentionBlock) and module.attn_mask is not mask:
+                return False
+        return True
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         image_features = self.encode_image(image)
@@ -397,6 +411,21 @@ class CLIP(nn.Module):
         logits_per_image = logit_scale * image_features @ text_features.t()  # [N_image, N_text]
         logits_per_text = logits_per_image.t()  # [N_text, N_image]
         return logits_per_image, logits_per_text
+
+
+# The text path's module classes and the methods the fast path relies on, as this module defines them. A subclass,
+# a wrapper, or a method patched on a class or an instance may depend on the full-length shapes.
+_TEXT_PATH_METHODS = {
+    cls: (cls.forward, getattr(cls, "attention", None))
+    for cls in (Transformer, ResidualAttentionBlock, LayerNorm, QuickGELU, nn.Sequential, nn.MultiheadAttention,
+                nn.Linear, NonDynamicallyQuantizableLinear)
+}
+
+
+def _is_pristine(module: nn.Module) -> bool:
+    cls = type(module)
+    return (_TEXT_PATH_METHODS.get(cls) == (cls.forward, getattr(cls, "attention", None))
+            and "forward" not in module.__dict__ and "attention" not in module.__dict__)
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -5,6 +5,7 @@ import pathlib
 import pytest
 import torch
 
+import clip.model
 from clip.model import CLIP, build_model, convert_weights, infer_dims
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict
 
@@ -197,6 +198,80 @@ def test_global_hooks_force_the_full_computation():
     finally:
         handle.remove()
     assert shapes == [torch.Size([1, 77, 64])]
+
+
+def _full(model, text):
+    """encode_text with a hook on ln_final, which forces the full 77-long computation."""
+    handle = model.ln_final.register_forward_hook(lambda *args: None)
+    try:
+        return model.encode_text(text)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("change", ["none", "prefix", "in-place"])
+def test_a_changed_attention_mask_turns_the_shortcut_off(change):
+    model = _float_model()
+    text = _tokens([3, 5])
+    for block in model.transformer.resblocks:
+        if change == "none":
+            block.attn_mask = None  # bidirectional text attention
+        elif change == "prefix":
+            mask = model.build_attention_mask()
+            mask[:, :20] = 0  # a prefix every position sees
+            block.attn_mask = mask
+    if change == "in-place":
+        model.transformer.resblocks[0].attn_mask[:, :20] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(text), _full(model, text), rtol=0, atol=0)
+
+
+def test_an_overridden_attention_method_sees_the_full_mask():
+    """Attention-map code replaces ``attention`` to keep the weights, using the block's 77 x 77 mask."""
+    import types
+
+    model = _float_model()
+
+    def attention(self, x):
+        mask = self.attn_mask.to(dtype=x.dtype, device=x.device)
+        out, self.attn_probs = self.attn(x, x, x, need_weights=True, attn_mask=mask)
+        return out
+
+    for block in model.transformer.resblocks:
+        block.attention = types.MethodType(attention, block)
+    with torch.no_grad():
+        model.encode_text(_tokens([3, 5]))
+    assert model.transformer.resblocks[0].attn_probs.shape == (2, 77, 77)
+
+
+def test_patched_or_wrapped_text_modules_see_full_shapes(monkeypatch):
+    model = _float_model()
+    shapes = []
+    original = clip.model.ResidualAttentionBlock.forward
+
+    def patched(self, x):
+        shapes.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(clip.model.ResidualAttentionBlock, "forward", patched)
+    with torch.no_grad():
+        model.encode_text(_tokens([3, 5]))
+    assert shapes[0] == (77, 2, 64)
+    monkeypatch.undo()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            shapes.append(tuple(x.shape))
+            return self.inner(x)
+
+    model.ln_final = Wrapper(model.ln_final)
+    with torch.no_grad():
+        model.encode_text(_tokens([3, 5]))
+    assert shapes[-1] == (2, 77, 64)
 
 
 def test_transformer_called_directly_on_any_length():
