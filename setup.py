@@ -48,5 +48,6 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["clip=clip._cli:main"]},
+    package_data={"clip": ["bpe_simple_vocab_16e6.txt.gz"]},
     include_package_data=True,
 )

@@ -2,7 +2,7 @@
 
 Release archives were traced on CUDA in float16: their graphs hold ``Device`` constants naming ``cuda`` and
 ``aten::to`` casts to dtype code 5 (float16). Off CUDA, both are rewritten (to the target device and to float32)
-and the parameters are cast to float32. Anything that goes wrong returns ``None`` with a warning, and ``load``
+and the parameters are cast to float32, as the original does. Anything that goes wrong returns ``None`` with a warning, and ``load``
 falls back to the plain PyTorch model.
 """
 import warnings
@@ -70,20 +70,37 @@ def _patch_devices(model: torch.jit.ScriptModule, device: torch.device) -> None:
 
 
 def _patch_float16_casts(model: torch.jit.ScriptModule) -> None:
-    """Turn every ``aten::to`` cast to float16 into a cast to float32."""
+    """Make every float16 dtype constant that an ``aten::to`` cast uses a float32 one, as the original does.
+
+    TorchScript pools equal constants, so the release ViTs' single float16 constant also gives the class token's
+    ``aten::zeros`` its dtype; like the original, we rewrite it for every use that takes a dtype, so those zeros are
+    float32 too. A use that takes it as a plain integer (never seen in a release) keeps the value 5 through a copy.
+    """
     for graph in _graphs(model):
-        for cast in graph.findAllNodes("aten::to"):
-            # aten::to(self, dtype, ...) and aten::to(self, device, dtype, ...): the dtype is input 1 or 2.
-            for value in list(cast.inputs())[1:3]:
-                constant = value.node()
-                if (constant.kind() == "prim::Constant" and constant.hasAttribute("value")
-                        and constant.kindOf("value") == "i" and constant.i("value") == _FLOAT16):
-                    _check_only_dtype_uses(value)
-                    constant.i_("value", _FLOAT32)
+        for constant in graph.findAllNodes("prim::Constant"):
+            if not (constant.hasAttribute("value") and constant.kindOf("value") == "i"
+                    and constant.i("value") == _FLOAT16):
+                continue
+            uses = constant.output().uses()
+            if not any(use.user.kind() == "aten::to" and _takes_dtype(use) for use in uses):
+                continue
+            integer_uses = [use for use in uses if not _takes_dtype(use)]
+            if integer_uses:
+                integer = graph.create("prim::Constant")
+                integer.i_("value", _FLOAT16)
+                integer.output().setType(constant.output().type())
+                integer.insertBefore(constant)
+                for use in integer_uses:
+                    use.user.replaceInput(use.offset, integer.output())
+            constant.i_("value", _FLOAT32)
 
 
-def _check_only_dtype_uses(value: torch._C.Value) -> None:
-    """Refuse to rewrite a constant 5 that also serves as a plain integer somewhere else in the graph."""
-    for use in value.uses():
-        if use.user.kind() != "aten::to" or use.offset not in (1, 2):
-            raise RuntimeError(f"the float16 constant also feeds {use.user.kind()}, so it cannot be rewritten")
+def _takes_dtype(use: "torch._C.Use") -> bool:
+    """Whether the input a use feeds is the ``dtype`` argument of the operator's schema."""
+    try:
+        schema = torch._C.parse_schema(use.user.schema())
+    except RuntimeError:  # "(no schema)": not an operator call, so not a dtype argument
+        return False
+    arguments = schema.arguments
+    # TorchScript types a ScalarType argument as int, so the argument's name is what tells a dtype.
+    return use.offset < len(arguments) and arguments[use.offset].name == "dtype"

@@ -11,8 +11,8 @@ UTF-8 bytes to printable characters; merge byte pairs by rank; look the symbols 
   each word are cached, in bounded caches;
 - the merge loop scans a list instead of rebuilding sets, and a batch's tensor is filled from one int32 buffer.
 
-Nothing happens at import: the vocabulary is found (or fetched, see :func:`default_bpe`) and parsed when the first
-tokenizer is built.
+Nothing happens at import: the vocabulary (shipped inside the package, see :func:`default_bpe`) is parsed when the
+first tokenizer is built.
 """
 from __future__ import annotations
 
@@ -32,13 +32,8 @@ import regex
 import torch
 
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+# The vocabulary ships inside the package, as the original ships it; its hash is pinned by the tests.
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-VOCAB_URL = "https://raw.githubusercontent.com/openai/CLIP/main/clip/" + VOCAB_NAME
-# Byte-identical copies; the pinned SHA-256 makes any of them as good as the first.
-VOCAB_MIRRORS: Tuple[str, ...] = (
-    "https://raw.githubusercontent.com/mlfoundations/open_clip/main/src/open_clip/" + VOCAB_NAME,
-    "https://openaipublic.blob.core.windows.net/clip/" + VOCAB_NAME,
-)
 
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -512,11 +507,7 @@ def tokenize(texts: TextInput, context_length: int = 77, truncate: bool = False,
 
 
 def default_bpe() -> str:
-    """Find CLIP's vocabulary file, downloading it once if needed.
-
-    In order: the file ``CLIP_BPE_PATH`` names; else ``bpe_simple_vocab_16e6.txt.gz`` in the cache folder used for
-    weights (``CLIP_CACHE_DIR``, see ``clip._download.cache_dir``), verified against :data:`VOCAB_SHA256`; else a
-    download of :data:`VOCAB_URL` (or a mirror) into that folder, through the same atomic, verified path as weights.
+    """The path of CLIP's vocabulary: the copy inside the package, or the file ``CLIP_BPE_PATH`` names.
 
     Returns
     -------
@@ -527,28 +518,14 @@ def default_bpe() -> str:
     ------
     FileNotFoundError
         ``CLIP_BPE_PATH`` names no file.
-    clip._download.DownloadError
-        The file is not in the cache and cannot be fetched (offline mode, no network, only corrupted copies); the
-        message names the file, its SHA-256, where to put it, and ``CLIP_BPE_PATH``.
     """
     explicit = os.environ.get("CLIP_BPE_PATH")
-    if explicit:
-        path = os.path.expanduser(explicit)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"CLIP_BPE_PATH is set to {explicit!r}, which is not a file: point it at a copy of {VOCAB_NAME} "
-                f"(SHA-256 {VOCAB_SHA256}), or unset it to use the cache folder"
-            )
-        return path
-
-    from . import _download  # here, not at import: importing this module does no work
-
-    try:
-        return _download.download(VOCAB_URL, sha256=VOCAB_SHA256, mirrors=VOCAB_MIRRORS)
-    except _download.DownloadError as error:
-        target = os.path.join(_download.cache_dir(), VOCAB_NAME)
-        raise _download.DownloadError(
-            f"CLIP's tokenizer needs its vocabulary {VOCAB_NAME} (SHA-256 {VOCAB_SHA256}), which is not in the "
-            f"cache and could not be downloaded. Put a copy at {target}, or set CLIP_BPE_PATH to the path of one.\n"
-            f"{error}"
-        ) from error
+    if not explicit:
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), VOCAB_NAME)
+    path = os.path.expanduser(explicit)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"CLIP_BPE_PATH is set to {explicit!r}, which is not a file: point it at a copy of {VOCAB_NAME} "
+            f"(SHA-256 {VOCAB_SHA256}), or unset it to use the copy inside the package"
+        )
+    return path

@@ -1,25 +1,54 @@
-"""Shared fixtures: the golden data folder and a tokenizer-vocabulary cache seeded from ``../shared``.
+"""Shared fixtures, and a private, throw-away environment for every test run.
 
-The golden files live in ``../shared/golden`` beside the repository, or where ``CLIP_GOLDEN_DIR`` points. Under CI
-(``CI`` set) they must be present: a missing folder fails the run instead of skipping tests.
+The suite reads only the repository: its test data is under ``tests/data`` (see the README there) and the tokenizer
+vocabulary ships inside the package. Each run gets one temporary folder that holds the clip cache, a home folder
+and the temporary files of the run (pytest's ``tmp_path`` included); it is removed when the run ends, so nothing is
+written to the user's cache, home folder or temporary directory.
 """
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("CLIP_SHARED_DIR", REPO.parent / "shared"))
-GOLDEN = pathlib.Path(os.environ.get("CLIP_GOLDEN_DIR", SHARED / "golden"))
-VOCAB = SHARED / "bpe_simple_vocab_16e6.txt.gz"
+DATA = REPO / "tests" / "data"
+VOCAB = REPO / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+
+_run_folder = None
 
 
-def _require(path: pathlib.Path, what: str) -> pathlib.Path:
-    if path.exists():
-        return path
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing at {path}; CI must run with ../shared present", pytrace=False)
-    pytest.skip(f"{what} not found at {path}")
+def pytest_configure(config):
+    """Point the cache, home, config and temporary folders of this run (and its subprocesses) at a fresh folder."""
+    global _run_folder
+    if _run_folder is not None or hasattr(config, "workerinput"):
+        return
+    _run_folder = tempfile.mkdtemp(prefix="clip-tests-")
+    folders = {
+        "CLIP_CACHE_DIR": "cache",
+        "HOME": "home",  # anything that writes under ~ (jupyter, matplotlib, torch.hub) writes here
+        "XDG_CACHE_HOME": "home/.cache",
+        "XDG_CONFIG_HOME": "home/.config",
+        "XDG_DATA_HOME": "home/.local/share",
+        "TMPDIR": "tmp",
+    }
+    for variable, relative in folders.items():
+        path = os.path.join(_run_folder, relative)
+        os.makedirs(path, exist_ok=True)
+        os.environ[variable] = path
+    for variable in [name for name in os.environ if name.startswith("CLIP_")]:
+        if variable != "CLIP_CACHE_DIR":
+            del os.environ[variable]  # a developer's CLIP_OFFLINE or CLIP_BPE_PATH must not change what tests see
+    tempfile.tempdir = os.environ["TMPDIR"]  # pytest's tmp_path and every mkdtemp of the run go here too
+
+
+def pytest_unconfigure(config):
+    global _run_folder
+    if _run_folder is not None:
+        tempfile.tempdir = None
+        shutil.rmtree(_run_folder, ignore_errors=True)
+        _run_folder = None
 
 
 @pytest.fixture
@@ -36,32 +65,10 @@ def local_network(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def golden_dir() -> pathlib.Path:
-    return _require(GOLDEN, "the golden data folder")
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> pathlib.Path:
-    return _require(SHARED, "the shared data folder")
+def data_dir() -> pathlib.Path:
+    return DATA
 
 
 @pytest.fixture(scope="session")
 def vocab_path() -> pathlib.Path:
-    return _require(VOCAB, "the tokenizer vocabulary")
-
-
-def pytest_configure(config):
-    """Give the whole run its own cache folder, seeded with the vocabulary, unless the caller set one.
-
-    Tests must never read or write the user's real cache. ``.ci/run`` sets ``CLIP_CACHE_DIR`` to a folder it has
-    seeded; a plain local ``pytest`` gets a temporary one here.
-    """
-    if os.environ.get("CLIP_CACHE_DIR"):
-        return
-    import shutil
-    import tempfile
-
-    cache = tempfile.mkdtemp(prefix="clip-test-cache-")
-    if VOCAB.exists():
-        shutil.copy(VOCAB, os.path.join(cache, VOCAB.name))
-    os.environ["CLIP_CACHE_DIR"] = cache
+    return VOCAB

@@ -1,5 +1,6 @@
 """clip.load end to end: golden outputs through every file kind and both paths, names, devices, fallbacks."""
 import hashlib
+import warnings
 
 import pytest
 import torch
@@ -7,30 +8,42 @@ from safetensors.torch import load_file
 
 import clip
 import clip.clip
+from clip import _jit
+from clip._checkpoint import read_state_dict
+from clip.model import ARCHIVE_SCALAR_KEYS
 from checkpoints import TINY_VIT, random_state_dict, save_archive, save_state_dict
 from httpserver import LocalServer
 
-MODELS = ["tiny-vit", "tiny-rn"]
+MODELS = ["micro-vit", "micro-rn"]
+OUTPUTS = ["encode_image", "encode_text", "logits_per_image"]
 
 
 @pytest.fixture(scope="module")
-def golden(golden_dir):
-    outputs = load_file(str(golden_dir / "tiny-outputs.safetensors"))
-    weights = {m: load_file(str(golden_dir / f"{m}.safetensors")) for m in MODELS}
-    return outputs, weights
+def golden(data_dir):
+    """The original's outputs on the micro release archives (see tests/data/README.md), and the archives' paths."""
+    outputs = load_file(str(data_dir / "micro" / "micro-outputs.safetensors"))
+    archives = {m: str(data_dir / "micro" / f"{m}.pt") for m in MODELS}
+    return outputs, archives
 
 
 @pytest.fixture(scope="module")
 def golden_files(golden, tmp_path_factory):
-    """Each golden model saved as a plain state dict, a wrapped one with a module. prefix, and an archive."""
-    _, weights = golden
+    """Each micro model as its release archive, a plain state dict, a wrapped one with a module. prefix, and a
+    safetensors file."""
+    from safetensors.torch import save_file
+
+    _, archives = golden
     folder = tmp_path_factory.mktemp("golden-files")
     files = {}
-    for name, state_dict in weights.items():
+    for name, archive in archives.items():
+        state_dict = read_state_dict(archive)
+        files[name, "archive"] = archive
         files[name, "plain"] = save_state_dict(folder / f"{name}.pth", state_dict)
         files[name, "wrapped"] = save_state_dict(folder / f"{name}.ckpt", state_dict, wrap="state_dict",
                                                  prefix="module.")
-        files[name, "archive"] = save_archive(folder / f"{name}.pt", state_dict)
+        weights = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALAR_KEYS}
+        save_file(weights, str(folder / f"{name}.safetensors"))
+        files[name, "safetensors"] = str(folder / f"{name}.safetensors")
     return files
 
 
@@ -39,33 +52,63 @@ def assert_relative_close(got: torch.Tensor, want: torch.Tensor, tolerance: floa
     assert error < tolerance, f"relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("kind", ["plain", "wrapped", "archive"])
+def outputs_of(model, image: torch.Tensor, text: torch.Tensor) -> dict:
+    with torch.no_grad():
+        logits_per_image, logits_per_text = model(image, text)
+        assert torch.equal(logits_per_text, logits_per_image.t())
+        return {"encode_image": model.encode_image(image), "encode_text": model.encode_text(text),
+                "logits_per_image": logits_per_image}
+
+
+@pytest.mark.parametrize("kind", ["archive", "plain", "wrapped", "safetensors"])
 @pytest.mark.parametrize("name", MODELS)
 def test_golden_outputs(golden, golden_files, name, kind):
     outputs, _ = golden
     model, preprocess = clip.load(golden_files[name, kind], device="cpu")
-    image, text = outputs[f"{name}.image"], outputs[f"{name}.text"]
+    assert isinstance(model, clip.model.CLIP) and not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert not model.training
-    with torch.no_grad():
-        assert_relative_close(model.encode_image(image), outputs[f"{name}.encode_image"])
-        assert_relative_close(model.encode_text(text), outputs[f"{name}.encode_text"])
-        logits_per_image, logits_per_text = model(image, text)
-    assert_relative_close(logits_per_image, outputs[f"{name}.logits_per_image"])
-    assert torch.equal(logits_per_text, logits_per_image.t())
+    image, text = outputs[f"{name}.image"], outputs[f"{name}.text"]
+    got = outputs_of(model, image, text)
+    for output in OUTPUTS:
+        assert_relative_close(got[output], outputs[f"{name}.plain.{output}"])
     assert preprocess.transforms[0].size == image.shape[-1]
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_golden_outputs_through_torchscript(golden, golden_files, name):
-    outputs, _ = golden
-    model, preprocess = clip.load(golden_files[name, "archive"], device="cpu", jit=True)
+def test_golden_outputs_through_torchscript(golden, name):
+    """jit=True returns TorchScript on CPU for both release-structured archives, ViT included (float16 constant
+    shared by the casts and the class token's zeros), with the original's jit=True outputs."""
+    outputs, archives = golden
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        model, preprocess = clip.load(archives[name], device="cpu", jit=True)
     assert isinstance(model, torch.jit.ScriptModule)
     image, text = outputs[f"{name}.image"], outputs[f"{name}.text"]
-    with torch.no_grad():
-        logits_per_image, _ = model(image, text)
-    assert_relative_close(logits_per_image, outputs[f"{name}.jit.logits_per_image"])
+    got = outputs_of(model, image, text)
+    for output in OUTPUTS:
+        assert_relative_close(got[output], outputs[f"{name}.jit.{output}"])
     assert preprocess.transforms[1].size == (image.shape[-1], image.shape[-1])
+
+
+def test_a_float16_constant_also_used_as_an_integer_keeps_that_use(tmp_path):
+    """A pooled constant 5 that is a dtype for a cast and a plain number elsewhere: only the dtype changes."""
+
+    class CastAndScale(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float16).float().repeat(5)  # the 5 reaches aten::repeat through a list
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(CastAndScale(), torch.randn(3))
+        traced.save(str(tmp_path / "cast.pt"))
+        archive = torch.jit.load(str(tmp_path / "cast.pt"))
+    fives = [n for n in archive.graph.findAllNodes("prim::Constant")
+             if n.hasAttribute("value") and n.kindOf("value") == "i" and n.i("value") == 5]
+    assert len(fives) == 1 and {u.user.kind() for u in fives[0].output().uses()} == {"aten::to", "prim::ListConstruct"}
+
+    _jit._patch_float16_casts(archive)
+    x = torch.tensor([1.0001, 2.0, 3.0])  # 1.0001 is not a float16 number: a float16 cast would round it
+    assert torch.equal(archive(x), x.repeat(5))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -37,8 +37,8 @@ def read_tsv(path: pathlib.Path) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(RELEASES))
-def test_release_architectures(shared_dir, name):
-    state_dict = read_tsv(shared_dir / "state-dicts" / f"{name}.tsv")
+def test_release_architectures(data_dir, name):
+    state_dict = read_tsv(data_dir / "state-dicts" / f"{name}.tsv")
     embed, px, layers, width, patch, text_width, text_heads, params = RELEASES[name]
 
     model = build_model(state_dict)

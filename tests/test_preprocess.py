@@ -1,31 +1,39 @@
-"""Preprocessing equals the original's tensors bit for bit, on every Pillow mode of the golden images."""
+"""Preprocessing equals the original's tensors bit for bit, on every Pillow mode and on a large drawn image.
+
+``data/preprocess.json`` holds the SHA-256 of each tensor the original package's ``_transform`` made from the same
+inputs (see ``data/README.md``), so any change of a single bit fails.
+"""
+import json
+
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torchvision.transforms import Normalize
 
 from clip.clip import BICUBIC, _convert_image_to_rgb, _transform
+from preprocess_cases import DATA, SIZES, fingerprint, images
 
 
 @pytest.fixture(scope="module")
-def expected(golden_dir):
-    return load_file(str(golden_dir / "preprocess-outputs.safetensors"))
+def expected():
+    return json.loads((DATA / "preprocess.json").read_text())
 
 
-def test_every_golden_image_and_size_is_covered(expected):
-    images = {key.rsplit(".", 1)[0] for key in expected}
-    assert {"rgb_640x480", "rgba_37x53", "p_64x64", "l_300x200", "la_20x90"} <= images
-    assert {key.rsplit(".", 1)[1] for key in expected} == {"224", "288"}
+def test_every_case_and_size_is_covered(expected):
+    cases = images()
+    assert {f"{name}.{n_px}" for name in cases for n_px in SIZES} == set(expected)
+    assert {image.mode for image in cases.values()} == {"RGB", "RGBA", "P", "L", "LA"}
 
 
-def test_preprocess_is_bit_exact(golden_dir, expected):
-    for key, want in expected.items():
-        image, n_px = key.rsplit(".", 1)
-        with Image.open(golden_dir / f"pre_{image}.png") as img:
-            got = _transform(int(n_px))(img)
-        assert got.dtype == torch.float32 and got.shape == (3, int(n_px), int(n_px)), key
-        assert torch.equal(got, want), key
+def test_preprocess_is_bit_exact(expected):
+    for name, image in images().items():
+        for n_px in SIZES:
+            assert fingerprint(_transform(n_px)(image)) == expected[f"{name}.{n_px}"], (name, n_px)
+
+
+def test_a_one_bit_change_is_seen(expected):
+    image = images()["drawn_rgb_640x480"]
+    image.putpixel((320, 240), tuple(v ^ 1 for v in image.getpixel((320, 240))))
+    assert fingerprint(_transform(224)(image)) != expected["drawn_rgb_640x480.224"]
 
 
 def test_transform_shape_of_the_original():

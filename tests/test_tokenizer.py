@@ -23,7 +23,6 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from clip import _download
 from clip import simple_tokenizer as tk
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -110,11 +109,6 @@ class ReferenceTokenizer:
         return result
 
 
-@pytest.fixture(autouse=True)
-def _needs_the_vocabulary(vocab_path):
-    """Every test here needs it (through the seeded cache): skip, or fail under CI, where it is missing."""
-
-
 @pytest.fixture(scope="session")
 def ftfy_unchanged():
     unchanged = tk._ftfy_identity()
@@ -177,13 +171,13 @@ def _encodable(text):
 # Golden rows
 
 
-def _golden_rows(golden_dir):
-    with open(golden_dir / "tokenizer.jsonl", encoding="utf-8") as f:
+def _golden_rows(data_dir):
+    with open(data_dir / "tokenizer.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_golden_rows_match_exactly(golden_dir, tokenizer):
-    rows = _golden_rows(golden_dir)
+def test_golden_rows_match_exactly(data_dir, tokenizer):
+    rows = _golden_rows(data_dir)
     assert len(rows) > 400
     failures = []
     for number, row in enumerate(rows, 1):
@@ -200,8 +194,8 @@ def test_golden_rows_match_exactly(golden_dir, tokenizer):
     assert not failures, failures[:10]
 
 
-def test_golden_rows_in_one_batch(golden_dir):
-    rows = [row for row in _golden_rows(golden_dir) if "tokenize" in row and "context_length" not in row]
+def test_golden_rows_in_one_batch(data_dir):
+    rows = [row for row in _golden_rows(data_dir) if "tokenize" in row and "context_length" not in row]
     assert tk.tokenize([row["text"] for row in rows]).tolist() == [row["tokenize"] for row in rows]
 
 
@@ -510,101 +504,78 @@ def test_import_does_not_open_the_vocabulary(vocab_path, tmp_path):
         on_use = [p for p in opened if "bpe_simple_vocab" in p]
         print(len(at_import), len(on_use))
     """
-    result = _python(code, {"CLIP_BPE_PATH": str(vocab_path), "CLIP_CACHE_DIR": str(tmp_path)})
+    result = _python(code, {"CLIP_CACHE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "1"]
 
 
-def test_import_works_without_any_vocabulary(tmp_path):
-    code = """
-        import clip
-        try:
-            clip.tokenize("a dog")
-        except RuntimeError as error:
-            print(type(error).__name__)
+def test_an_offline_machine_with_an_empty_cache_tokenizes_exactly(tmp_path, data_dir):
+    """The vocabulary ships inside the package: no cache, no network, no CLIP_BPE_PATH needed."""
+    rows = [row for row in _golden_rows(data_dir) if "tokenize" in row and "context_length" not in row][:50]
+    code = f"""
+        import json, sys
+        import clip, clip.clip
+        print(hasattr(clip.clip, "_tokenizer"))
+        texts = json.loads(sys.stdin.readline())
+        print(json.dumps(clip.tokenize(texts).tolist()))
     """
-    result = _python(code, {"CLIP_CACHE_DIR": str(tmp_path), "CLIP_OFFLINE": "1"})
+    env = {"CLIP_CACHE_DIR": str(tmp_path / "empty"), "CLIP_OFFLINE": "1", "HTTP_PROXY": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9"}  # any request would fail
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, input=json.dumps([row["text"] for row in rows]) + "\n",
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}, **env})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "DownloadError"
+    has_tokenizer, ids = result.stdout.splitlines()
+    assert has_tokenizer == "True"
+    assert json.loads(ids) == [row["tokenize"] for row in rows]
+    assert not (tmp_path / "empty").exists()  # nothing was cached or fetched
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Finding, fetching and verifying the vocabulary
+# The vocabulary inside the package
 
 
-@pytest.fixture
-def empty_cache(tmp_path, monkeypatch):
-    for name in ("CLIP_BPE_PATH", "CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("CLIP_DOWNLOAD_RETRIES", "0")
-    monkeypatch.setenv("CLIP_DOWNLOAD_BACKOFF", "0")
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def vocab_server(monkeypatch, vocab_path):
-    from httpserver import LocalServer
-
-    with LocalServer() as server:
-        path = "/clip/" + tk.VOCAB_NAME
-        server.files[path] = vocab_path.read_bytes()
-        monkeypatch.setattr(tk, "VOCAB_URL", server.url(path))
-        monkeypatch.setattr(tk, "VOCAB_MIRRORS", ())
-        yield server
-
-
-def test_vocabulary_hash_is_pinned(vocab_path):
+def test_the_packaged_vocabulary_is_the_original(vocab_path):
+    assert tk.default_bpe() == str(vocab_path)
     assert hashlib.sha256(vocab_path.read_bytes()).hexdigest() == tk.VOCAB_SHA256
 
 
-def test_vocabulary_is_fetched_once_verified_and_cached(empty_cache, vocab_server, vocab_path):
-    path = tk.default_bpe()
-    assert pathlib.Path(path) == empty_cache / tk.VOCAB_NAME
-    assert pathlib.Path(path).read_bytes() == vocab_path.read_bytes()
-    assert len(vocab_server.requests) == 1
-    assert tk.default_bpe() == path and len(vocab_server.requests) == 1  # cached: no second request
-    assert tk.SimpleTokenizer().encode("a photo of a dog") == [320, 1125, 539, 320, 1929]
+def test_the_packaged_vocabulary_equals_the_shared_copy(vocab_path):
+    shared = pathlib.Path(REPO.parent, "shared", tk.VOCAB_NAME)
+    if not shared.is_file():
+        pytest.skip("no ../shared beside this clone (its copy is checked only where it exists)")
+    assert shared.read_bytes() == vocab_path.read_bytes()
 
 
-def test_a_corrupted_download_is_refused(empty_cache, vocab_server):
-    for path in vocab_server.files:
-        vocab_server.files[path] = vocab_server.files[path][:-10] + b"0123456789"
-    with pytest.raises(_download.DownloadError) as raised:
-        tk.default_bpe()
-    assert tk.VOCAB_SHA256 in str(raised.value) and "CLIP_BPE_PATH" in str(raised.value)
-    assert not (empty_cache / tk.VOCAB_NAME).exists()
-
-
-def test_a_corrupted_cached_copy_is_replaced(empty_cache, vocab_server, vocab_path):
-    empty_cache.mkdir()
-    (empty_cache / tk.VOCAB_NAME).write_bytes(b"not the vocabulary")
-    with pytest.warns(UserWarning, match="does not match"):
-        path = tk.default_bpe()
-    assert pathlib.Path(path).read_bytes() == vocab_path.read_bytes() and len(vocab_server.requests) == 1
-
-
-def test_a_copy_in_the_cache_is_used_without_network(empty_cache, vocab_server, vocab_path, monkeypatch):
-    empty_cache.mkdir()
-    (empty_cache / tk.VOCAB_NAME).write_bytes(vocab_path.read_bytes())
-    monkeypatch.setenv("CLIP_OFFLINE", "1")
-    assert pathlib.Path(tk.default_bpe()) == empty_cache / tk.VOCAB_NAME
-    assert not vocab_server.requests
-
-
-def test_offline_without_the_file_says_what_to_do(empty_cache, vocab_server, monkeypatch):
-    monkeypatch.setenv("CLIP_OFFLINE", "1")
-    with pytest.raises(_download.DownloadError) as raised:
-        tk.default_bpe()
-    message = str(raised.value)
-    for needed in (tk.VOCAB_NAME, tk.VOCAB_SHA256, str(empty_cache), "CLIP_BPE_PATH", "CLIP_OFFLINE"):
-        assert needed in message, needed
-    assert not vocab_server.requests
-
-
-def test_clip_bpe_path_wins(empty_cache, vocab_server, vocab_path, monkeypatch):
-    monkeypatch.setenv("CLIP_BPE_PATH", str(vocab_path))
-    assert tk.default_bpe() == str(vocab_path) and not vocab_server.requests
-    monkeypatch.setenv("CLIP_BPE_PATH", str(empty_cache / "nowhere.txt.gz"))
+def test_clip_bpe_path_wins(vocab_path, tmp_path, monkeypatch):
+    copy = tmp_path / "vocab.txt.gz"
+    copy.write_bytes(vocab_path.read_bytes())
+    monkeypatch.setenv("CLIP_BPE_PATH", str(copy))
+    assert tk.default_bpe() == str(copy)
+    monkeypatch.setenv("CLIP_BPE_PATH", str(tmp_path / "nowhere.txt.gz"))
     with pytest.raises(FileNotFoundError, match="CLIP_BPE_PATH"):
         tk.default_bpe()
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_the_distributions_contain_the_vocabulary(tmp_path, vocab_path, kind):
+    """Build the wheel (and the sdist) from this checkout: the vocabulary is in both, byte for byte."""
+    import tarfile
+    import zipfile
+
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)]
+        if kind == "wheel" else
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    if kind == "wheel":
+        (wheel,) = tmp_path.glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            packaged = archive.read("clip/" + tk.VOCAB_NAME)
+    else:
+        (sdist,) = tmp_path.glob("*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            (member,) = [m for m in archive.getnames() if m.endswith("/clip/" + tk.VOCAB_NAME)]
+            packaged = archive.extractfile(member).read()
+    assert packaged == vocab_path.read_bytes()
