@@ -62,4 +62,12 @@ ViT_B_16 = _entry_point("ViT-B/16")
 ViT_L_14 = _entry_point("ViT-L/14")
 ViT_L_14_336px = _entry_point("ViT-L/14@336px")
 
-tokenize = _clip.tokenize
+def tokenize(*args: typing.Any, **kwargs: typing.Any) -> typing.Any:
+    """Tokenize texts as ``clip.tokenize`` does; called with no arguments, return ``clip.tokenize`` itself.
+
+    ``torch.hub.load(repo, "tokenize")`` gives the function, as the original's hub entry does;
+    ``torch.hub.load(repo, "tokenize", ["a photo of a dog"])`` gives the token rows.
+    """
+    if not args and not kwargs:
+        return _clip.tokenize
+    return _clip.tokenize(*args, **kwargs)

@@ -17,10 +17,12 @@ from . import _registry
 from ._checkpoint import CheckpointError, read_state_dict
 from .model import CLIP, model_from_state_dict
 from . import simple_tokenizer as _simple_tokenizer
+from .simple_tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401  (the original's alias; clients import it)
 
 __all__ = ["available_models", "load", "tokenize"]
 
 BICUBIC = InterpolationMode.BICUBIC
+PathLike = Union[str, "os.PathLike[str]"]
 
 # The release checkpoints (name -> URL; the folder in each URL is the file's SHA-256). Clients read and replace
 # this dict, so load() looks it up here at call time.
@@ -80,15 +82,15 @@ def _transform(n_px: int) -> Compose:
     ])
 
 
-def load(name: str,
+def load(name: PathLike,
          device: Union[str, torch.device, None] = None,
          jit: bool = False,
-         download_root: Optional[str] = None) -> Tuple[Union[CLIP, torch.jit.ScriptModule], Compose]:
+         download_root: Optional[PathLike] = None) -> Tuple[Union[CLIP, torch.jit.ScriptModule], Compose]:
     """Load a CLIP model.
 
     Parameters
     ----------
-    name : str
+    name : str or os.PathLike
         A model name listed by :func:`available_models` (also spelled as its file, ``"ViT-B-32"``, in any case),
         or the path to a checkpoint: a release archive, a ``torch.save`` state dict, a wrapped checkpoint
         (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` prefixes), a ``.safetensors`` file, or a
@@ -97,14 +99,14 @@ def load(name: str,
         Where to put the model; default ``"cuda"`` if available, else ``"cpu"``, decided at call time.
     jit : bool
         Load the release's TorchScript archive (patched to run on ``device``) instead of the plain model.
-    download_root : str, optional
-        The cache folder for downloads; default ``$CLIP_CACHE_DIR``, else ``$XDG_CACHE_HOME/clip``, else
-        ``~/.cache/clip``.
+    download_root : str or os.PathLike, optional
+        The cache folder for downloads; default ``$CLIP_CACHE_DIR``, else the original's ``~/.cache/clip``.
 
     Returns
     -------
     model : torch.nn.Module
-        The model in eval mode: on CUDA with the release's float16 weights, elsewhere in float32.
+        The model in eval mode: on the CPU in float32; on any other device (CUDA, mps, ...) with the release's
+        float16 weights, as the original.
     preprocess : torchvision.transforms.Compose
         Turns a PIL image into the input tensor the model expects.
     """
@@ -128,15 +130,22 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return torch.device(device)
 
 
-def _checkpoint_path(name: str, download_root: Optional[str]) -> str:
-    """The local file for a release name (downloaded into the cache if needed) or a path."""
+def _checkpoint_path(name: PathLike, download_root: Optional[PathLike]) -> str:
+    """The local file for a release name (downloaded into the cache if needed) or a path.
+
+    In the original's order: an exact registry key, then an existing path, then our other spellings of a release
+    name ("vit-b-32"), so a file or folder called "vit-b-32" in the working directory is loaded, not the release.
+    """
+    name = os.fspath(name)
     # Looked up at call time: clients replace clip.clip._MODELS and clip.clip._download.
-    release = _release_name(name, _MODELS)
-    if release is not None:
-        return _download(_MODELS[release], _downloads.cache_dir(download_root))
+    if name in _MODELS:
+        return _download(_MODELS[name], _downloads.cache_dir(download_root))
     path = os.path.expanduser(name)
     if os.path.exists(path):
         return path
+    release = _release_name(name, _MODELS)
+    if release is not None:
+        return _download(_MODELS[release], _downloads.cache_dir(download_root))
     if _looks_like_path(name):
         raise FileNotFoundError(f"no checkpoint at {name}; expected a checkpoint file or a release name from "
                                 f"clip.available_models()")
@@ -161,9 +170,8 @@ def _normalise(name: str) -> str:
 
 
 def _release_name(name: str, models: dict) -> Optional[str]:
-    if name in models:
-        return name
-    wanted = _normalise(os.fspath(name))
+    """The registry key that ``name`` spells in another way ("vit-b-32" for "ViT-B/32"), if any."""
+    wanted = _normalise(name)
     return next((m for m in models if _normalise(m) == wanted), None)
 
 
@@ -171,7 +179,8 @@ def _build(path: str, device: torch.device) -> CLIP:
     """The plain model from a checkpoint file, its tensors converted once, straight to their device and dtype."""
     state_dict = read_state_dict(path)
     try:
-        return model_from_state_dict(state_dict, device=device, half=device.type == "cuda", consume=True)
+        # As the original: the release's float16 weights everywhere but on the CPU (CUDA, and also mps, xpu, ...).
+        return model_from_state_dict(state_dict, device=device, half=device.type != "cpu", consume=True)
     except ValueError as e:
         raise CheckpointError(f"{path} is not a CLIP checkpoint: {e}") from e
 

@@ -62,3 +62,10 @@ def test_load_returns_model_and_preprocess(monkeypatch, tmp_path, local_network)
     text = torch.hub.load(str(REPO), "tokenize", ["a red square"], source="local")
     with torch.no_grad():
         torch.testing.assert_close(model(image, text), expected(image, text))
+
+
+def test_the_tokenize_entry_point_returns_the_function_or_the_rows():
+    tokenize = torch.hub.load(str(REPO), "tokenize", source="local")
+    assert tokenize is clip.tokenize
+    rows = torch.hub.load(str(REPO), "tokenize", ["a dog", "a cat"], source="local", truncate=True)
+    assert torch.equal(rows, clip.tokenize(["a dog", "a cat"]))

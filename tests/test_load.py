@@ -1,5 +1,6 @@
 """clip.load end to end: golden outputs through every file kind and both paths, names, devices, fallbacks."""
 import hashlib
+import pathlib
 import warnings
 
 import pytest
@@ -244,3 +245,67 @@ def test_mmap_loaded_weights_survive_the_file_being_replaced(tmp_path, save):
     (tmp_path / "other.pth").replace(path)
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[key]), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drop-in details the original's clients rely on
+
+
+def test_the_tokenizer_alias_of_the_original():
+    from clip.clip import _Tokenizer
+    from clip.simple_tokenizer import SimpleTokenizer
+
+    assert _Tokenizer is SimpleTokenizer
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_path_in_the_working_directory_wins_over_a_spelling_of_a_release(tmp_path, monkeypatch, kind):
+    """The original's order: an exact registry key, then an existing path, then our other spellings."""
+
+    def no_download(url, root=None):
+        raise AssertionError(f"the release was fetched instead of the local {kind}")
+
+    monkeypatch.setattr(clip.clip, "_download", no_download)
+    monkeypatch.chdir(tmp_path)
+    state_dict = random_state_dict(TINY_VIT)
+    if kind == "folder":  # a folder that is no checkpoint: the error comes from reading it, not from a download
+        (tmp_path / "vit-b-32").mkdir()
+        with pytest.raises(IsADirectoryError, match="^vit-b-32 is a directory"):
+            clip.load("vit-b-32", device="cpu")
+        return
+    save_state_dict(tmp_path / "vit-b-32", state_dict)
+    model, _ = clip.load("vit-b-32", device="cpu")
+    assert torch.equal(model.visual.conv1.weight, state_dict["visual.conv1.weight"].float())
+
+
+def test_an_exact_registry_key_wins_over_a_path(tmp_path, monkeypatch):
+    calls = []
+    path = save_state_dict(tmp_path / "weights.pth", random_state_dict(TINY_VIT))
+    monkeypatch.setattr(clip.clip, "_download", lambda url, root=None: calls.append(url) or path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "RN50").write_bytes(b"not a checkpoint")  # a file named like a release key
+    clip.load("RN50", device="cpu")
+    assert calls == [clip.clip._MODELS["RN50"]]
+
+
+def test_pathlib_paths_work_wherever_strings_do(tmp_path):
+    path = save_state_dict(tmp_path / "weights.pth", random_state_dict(TINY_VIT))
+    model, _ = clip.load(pathlib.Path(path), device="cpu", download_root=tmp_path / "cache")
+    assert isinstance(model, clip.model.CLIP)
+    missing = pathlib.Path("missing") / "model.pt"
+    with pytest.raises(FileNotFoundError) as as_path:
+        clip.load(missing, device="cpu")
+    with pytest.raises(FileNotFoundError) as as_str:
+        clip.load(str(missing), device="cpu")
+    assert str(as_path.value) == str(as_str.value)
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("meta", torch.float16)])
+def test_float16_weights_everywhere_but_the_cpu(tmp_path, device, dtype):
+    """As the original: ``str(device) == "cpu"`` is the one float32 case; CUDA, mps, xpu (and here the meta
+    device, which every machine has) keep the release's float16 weights."""
+    path = save_state_dict(tmp_path / "weights.pth", random_state_dict(TINY_VIT))
+    model, _ = clip.load(path, device=device)
+    assert model.visual.conv1.weight.device.type == device
+    assert model.visual.conv1.weight.dtype == dtype and model.dtype == dtype
+    assert model.ln_final.weight.dtype == torch.float32  # LayerNorms stay float32, as convert_weights leaves them
