@@ -1,6 +1,9 @@
 """clip.load end to end: golden outputs through every file kind and both paths, names, devices, fallbacks."""
 import hashlib
 import pathlib
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -15,6 +18,7 @@ from clip.model import ARCHIVE_SCALAR_KEYS
 from checkpoints import TINY_VIT, random_state_dict, save_archive, save_state_dict
 from httpserver import LocalServer
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ["micro-vit", "micro-rn"]
 OUTPUTS = ["encode_image", "encode_text", "logits_per_image"]
 
@@ -309,3 +313,55 @@ def test_float16_weights_everywhere_but_the_cpu(tmp_path, device, dtype):
     assert model.visual.conv1.weight.device.type == device
     assert model.visual.conv1.weight.dtype == dtype and model.dtype == dtype
     assert model.ln_final.weight.dtype == torch.float32  # LayerNorms stay float32, as convert_weights leaves them
+
+
+def test_a_cached_load_by_name_hashes_nothing_and_requests_nothing(served_release, tmp_path):
+    """The README's promise, checked from outside: hashlib itself counts the bytes, the server counts requests."""
+    code = textwrap.dedent("""
+        import hashlib, sys
+        hashed = [0]
+
+        class Counting:
+            def __init__(self, inner):
+                self.inner = inner
+            def update(self, data):
+                hashed[0] += len(data)
+                self.inner.update(data)
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+        real_sha256, real_new = hashlib.sha256, hashlib.new
+
+        def sha256(data=b"", **kwargs):
+            hashed[0] += len(data)
+            return Counting(real_sha256(data, **kwargs))
+
+        def new(name, data=b"", **kwargs):
+            hashed[0] += len(data)
+            return Counting(real_new(name, data, **kwargs))
+
+        def file_digest(file, name):
+            digest = new(name) if isinstance(name, str) else Counting(name())
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+            return digest
+
+        # Replaced before clip is imported, so that every way of reaching them is counted.
+        hashlib.sha256, hashlib.new, hashlib.file_digest = sha256, new, file_digest
+
+        import clip, clip.clip
+        url, root = sys.argv[1], sys.argv[2]
+        clip.clip._MODELS["ViT-B/32"] = url
+        clip.load("ViT-B/32", device="cpu", download_root=root)  # downloads: hashes the file once
+        first = hashed[0]
+        clip.load("ViT-B/32", device="cpu", download_root=root)  # cached
+        print(first, hashed[0] - first)
+    """)
+    (path,) = served_release.files
+    result = subprocess.run([sys.executable, "-c", code, served_release.url(path), str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    first, cached = map(int, result.stdout.split())
+    assert first == len(served_release.files[path])  # the counter works: the download hashed every byte once
+    assert cached == 0
+    assert len([r for r in served_release.requests if r[0] == "GET"]) == 1
