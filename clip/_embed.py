@@ -1,0 +1,346 @@
+"""The commands that run a model: ``clip classify`` and ``clip embed``, with the image listing and the image dataset
+they share.
+
+Images are decoded and preprocessed by worker processes while the model runs on earlier batches; the model's output
+is exactly ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised. See the README's "Command line" section.
+"""
+import argparse
+import json
+import os
+import stat
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import _outputs
+from ._console import CLIError, json_safe, printable, progress_bar, warn
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# classify shows a progress bar (on a terminal) from this many images on: fewer finish before a bar means anything.
+CLASSIFY_PROGRESS_FROM = 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model and the inputs
+
+
+def load_model(args: argparse.Namespace) -> Tuple[Any, Any, torch.device]:
+    """(model, preprocess, device) for --model/--device/--download-root, or a CLIError that says why not."""
+    from . import clip as clip_module
+
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as error:
+        raise CLIError(f"--device {args.device!r}: {error}") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device} was asked for, but CUDA is not available here; use --device cpu")
+    try:
+        model, preprocess = clip_module.load(args.model, device=device, download_root=args.download_root)
+    except (RuntimeError, OSError) as error:  # unknown name, missing or unreadable file, failed download
+        raise CLIError(str(error)) from None
+    return model, preprocess, next(model.parameters()).device
+
+
+def list_images(folder: str) -> List[str]:
+    """The image files under ``folder``, recursively, as sorted paths relative to it with ``/`` separators.
+
+    Only regular files (or links to them) count: a FIFO or device named ``x.png`` is skipped with a warning, since
+    reading it could block forever. The order depends only on the names, so every machine cuts the same shards.
+    """
+    found = []
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError as error:  # a dangling link, a link loop
+                warn(f"skipping {printable(path)}: {error.strerror or error}")
+                continue
+            if not regular:
+                warn(f"skipping {printable(path)}: not a regular file")
+                continue
+            found.append(os.path.relpath(path, folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def image_paths(inputs: Sequence[str]) -> List[str]:
+    """Expand folders into their images; fail on a path that does not exist, before any model is loaded."""
+    paths, missing = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = list_images(item)
+            if not found:
+                raise CLIError(f"no images in folder {printable(item)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            paths += [os.path.join(item, name) for name in found]
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            missing.append(item)
+    if missing:
+        raise CLIError(f"image not found: {', '.join(map(printable, missing))}")
+    return paths
+
+
+def _open_regular(path: str) -> Any:
+    """A binary file object for ``path`` if it is a regular file; opening never blocks (a FIFO would)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"not a regular file: {printable(path)}")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+class ImageFiles:
+    """A map-style dataset of preprocessed images; an unreadable image gives its error instead of a tensor.
+
+    Items are ``(index, tensor or None, error message or None)``, so a bad file is reported by the main process and
+    skipped, and never stops the run.
+    """
+
+    def __init__(self, paths: Sequence[str], preprocess: Callable):
+        self.paths = list(paths)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+        from PIL import Image
+
+        try:
+            with _open_regular(self.paths[index]) as f, Image.open(f) as image:
+                return index, self.preprocess(image), None
+        # The one place any error is caught: a decoder can raise almost anything on a damaged file (OSError,
+        # SyntaxError, ValueError, struct.error, DecompressionBombError), and each one is reported, not hidden.
+        except Exception as error:  # noqa: BLE001
+            return index, None, f"{type(error).__name__}: {printable(str(error))}"
+
+
+def _collate_readable(items: List[Tuple[int, Any, Optional[str]]]) -> Tuple[List[int], Any, List[Tuple[int, str]]]:
+    """Batch the readable images of ``items``: (their indices, stacked tensor or None, [(index, error)])."""
+    good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
+    failures = [(index, error) for index, tensor, error in items if tensor is None]
+    batch = torch.stack([tensor for _, tensor in good]) if good else None  # [batch, 3, n_px, n_px]
+    return [index for index, _ in good], batch, failures
+
+
+def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, num_workers: int, *,
+                  pin_memory: bool = False) -> Iterator[Tuple[List[int], Optional[torch.Tensor], List[Tuple[int, str]]]]:
+    """Yield (indices, image batch or None, [(index, error)]) for ``paths``, decoded by ``num_workers`` processes
+    that work ahead of the model (0: in this process). Each unreadable image is named in a warning."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate_readable, pin_memory=pin_memory)
+    for indices, batch, failures in loader:
+        for index, error in failures:
+            warn(f"skipping {printable(paths[index])}: cannot read it as an image ({error})")
+        yield indices, batch, failures
+
+
+def normalised(features: torch.Tensor) -> torch.Tensor:
+    """Float32 rows of unit length, so a dot product is a cosine similarity."""
+    import torch.nn.functional as F
+
+    return F.normalize(features.float(), dim=-1)
+
+
+def _show_progress(args: argparse.Namespace) -> Optional[bool]:
+    """-q: never; --progress: always; otherwise only on a terminal."""
+    return False if args.quiet else (True if args.progress else None)
+
+
+def default_workers(device: torch.device) -> int:
+    """Image-loading processes: on CUDA enough to keep the model fed (one decodes a fraction of what the model
+    eats); on the CPU the model already uses every core, and decoding costs about a tenth of its work, so one
+    process keeps ahead of it without taking cores from it."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(available, 16) if device.type == "cuda" else 1  # 16: past it, worker start-up outweighs the gain
+
+
+def default_batch_size(device: torch.device) -> int:
+    # On the CPU a bigger batch gains nothing and delays the first result; a GPU needs large batches to be busy.
+    return 256 if device.type == "cuda" else 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clip classify
+
+
+def _read_labels(args: argparse.Namespace) -> List[str]:
+    if args.labels_file is not None:
+        try:
+            with open(args.labels_file, encoding="utf-8") as f:
+                labels = [line.strip() for line in f]
+        except (OSError, UnicodeDecodeError) as error:
+            args.parser.error(f"cannot read --labels-file: {error}")
+        labels = [label for label in labels if label]
+        if not labels:
+            args.parser.error(f"no labels in {args.labels_file}: write one label per line")
+        return labels
+    labels = [label.strip() for label in args.labels]
+    if not all(labels):
+        args.parser.error("empty label in --labels: every label needs some text")
+    return labels
+
+
+def _text_features(model: Any, device: torch.device, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """One text embedding per label: the normalised mean of its normalised prompt embeddings, [labels, dim]."""
+    from . import clip as clip_module
+
+    per_template = []
+    for template in templates:
+        try:
+            tokens = clip_module.tokenize([template.replace("{}", label) for label in labels])
+        except RuntimeError as error:  # a prompt longer than the context
+            raise CLIError(str(error)) from None
+        per_template.append(normalised(model.encode_text(tokens.to(device))))
+    return normalised(torch.stack(per_template).mean(dim=0))  # [templates, labels, dim] -> [labels, dim]
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels = _read_labels(args)
+    templates = args.template or ["{}"]
+    for template in templates:
+        if "{}" not in template:
+            args.parser.error(f"--template {template!r} has no {{}} for the label; e.g. 'a photo of a {{}}.'")
+    paths = image_paths(args.images)
+    model, preprocess, device = load_model(args)
+    show = _show_progress(args)
+    if show is None and len(paths) < CLASSIFY_PROGRESS_FROM:
+        show = False
+
+    results: List[Optional[dict]] = [None] * len(paths)
+    errors: Dict[int, str] = {}
+    with torch.inference_mode(), progress_bar(len(paths), "image", show) as bar:
+        text_features = _text_features(model, device, labels, templates)
+        scale = model.logit_scale.exp().float()
+        for indices, batch, failures in image_batches(paths, preprocess, args.batch_size, num_workers=0):
+            errors.update(failures)
+            if batch is not None:
+                image_features = normalised(model.encode_image(batch.to(device)))  # [batch, dim]
+                probabilities = (scale * image_features @ text_features.T).softmax(dim=-1)  # [batch, labels]
+                top = probabilities.topk(min(args.top_k, len(labels)), dim=-1)
+                for row, index in enumerate(indices):
+                    results[index] = {"image": paths[index], "labels": [
+                        {"label": labels[j], "probability": p}
+                        for p, j in zip(top.values[row].tolist(), top.indices[row].tolist())]}
+            bar.update(len(indices) + len(failures))
+
+    if args.json:
+        print(json_safe(json.dumps([result or {"image": paths[i], "error": errors[i]}
+                                    for i, result in enumerate(results)], indent=2, ensure_ascii=False)))
+    else:
+        for result in results:
+            if result is not None:
+                print(printable(result["image"]))
+                for entry in result["labels"]:
+                    print(f"  {100 * entry['probability']:6.2f}%  {printable(entry['label'])}")
+    if errors:
+        print(f"clip: error: {len(errors)} of {len(paths)} image(s) could not be read", file=sys.stderr)
+    return 1 if errors else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clip embed
+
+
+def _read_texts(path: str) -> List[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise CLIError(f"{printable(path)} is not UTF-8 text ({error}); clip embed takes a folder of images or a "
+                       "text file with one text per line") from None
+    except OSError as error:
+        raise CLIError(f"cannot read {printable(path)}: {error.strerror or error}") from None
+
+
+def embed_inputs(path: str) -> Tuple[str, List[str]]:
+    """("images", paths relative to the folder) or ("texts", lines) for an embed INPUT."""
+    if os.path.isdir(path):
+        images = list_images(path)
+        if not images:
+            raise CLIError(f"no images in folder {printable(path)} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                           "recursively)")
+        return "images", images
+    if not os.path.exists(path):
+        raise CLIError(f"input not found: {printable(path)}")
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        raise CLIError(f"{printable(path)} is an image; clip embed takes a folder of images or a text file with one "
+                       "text per line (use clip classify for single images)")
+    texts = _read_texts(path)
+    if not texts:
+        raise CLIError(f"no texts in {printable(path)}: write one text per line")
+    return "texts", texts
+
+
+def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder: str, names: Sequence[str],
+                  batch_size: int, workers: int, bar: Any) -> Tuple[np.ndarray, List[int]]:
+    """(features of the readable images, their positions in ``names``), counted on ``bar`` as they are embedded."""
+    features = np.empty((len(names), model.visual.output_dim), dtype=np.float32)  # filled in place: no concatenation
+    done: List[int] = []
+    paths = [os.path.join(folder, name) for name in names]
+    batches = image_batches(paths, preprocess, batch_size, workers, pin_memory=device.type == "cuda")
+    for indices, batch, failures in batches:
+        if batch is not None:
+            rows = normalised(model.encode_image(batch.to(device, non_blocking=True)))  # [batch, dim]
+            features[len(done):len(done) + len(indices)] = rows.cpu().numpy()
+            done += indices
+        bar.update(len(indices) + len(failures))
+    return features[:len(done)], done
+
+
+def _embed_texts(model: Any, device: torch.device, texts: Sequence[str], batch_size: int, bar: Any) -> np.ndarray:
+    from . import clip as clip_module
+
+    features = np.empty((len(texts), model.text_projection.shape[1]), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        tokens = clip_module.tokenize(texts[start:start + batch_size], truncate=True)  # a long caption keeps its start
+        rows = normalised(model.encode_text(tokens.to(device)))  # [batch, dim]
+        features[start:start + len(rows)] = rows.cpu().numpy()
+        bar.update(len(rows))
+    return features
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    features_path, list_path = _outputs.output_paths(args.output, args.shard)
+    label = "" if args.shard is None else f"shard {args.shard[0]}/{args.shard[1]}: "
+    done = _outputs.prepare_outputs(features_path, list_path, overwrite=args.overwrite,
+                                    sharded=args.shard is not None, inputs=[args.input])
+    if done:
+        print(f"{label}{printable(features_path)} already exists; skipping (pass --overwrite to recompute it)",
+              file=sys.stderr)
+        return 0
+    kind, inputs = embed_inputs(args.input)
+    if args.shard is not None:
+        index, count = args.shard
+        inputs = inputs[index * len(inputs) // count:(index + 1) * len(inputs) // count]
+
+    model, preprocess, device = load_model(args)
+    batch_size = args.batch_size or default_batch_size(device)
+    unit = kind[:-1]  # "image" or "text"
+    with torch.inference_mode(), progress_bar(len(inputs), unit, _show_progress(args), description=label) as bar:
+        if kind == "images":
+            workers = default_workers(device) if args.num_workers is None else args.num_workers
+            features, positions = _embed_images(model, preprocess, device, args.input, inputs, batch_size, workers, bar)
+            rows = [inputs[i] for i in positions]
+        else:
+            features, rows = _embed_texts(model, device, inputs, batch_size, bar), inputs
+
+    if args.overwrite and os.path.exists(features_path):
+        os.remove(features_path)  # not finished again until the new files are both in place
+    _outputs.save_outputs(features_path, list_path, features, rows)
+    skipped = len(inputs) - len(rows)
+    print(f"{label}{len(rows)} {unit if len(rows) == 1 else kind} embedded into {printable(features_path)} (rows "
+          f"listed in {printable(list_path)})" + (f"; {skipped} unreadable, skipped" if skipped else ""),
+          file=sys.stderr)
+    return 0
