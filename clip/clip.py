@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-from . import _download as _downloads
-from . import _registry
+from . import _cache, _registry
 from ._checkpoint import CheckpointError, read_state_dict
 from .model import CLIP, model_from_state_dict
 from . import simple_tokenizer as _simple_tokenizer
@@ -41,15 +40,15 @@ def available_models() -> List[str]:
 def _download(url: str, root: Optional[str] = None) -> str:
     """Download ``url`` into ``root`` (default: the cache folder) unless a verified copy is there; return its path.
 
-    The expected SHA-256 is the URL's second-to-last path segment. See ``clip._download`` for the details:
+    The expected SHA-256 is the URL's second-to-last path segment. See ``clip._cache`` for the details:
     atomic writes, resume, retries, mirrors, a lock between processes and a verified-once record.
     """
-    return _downloads.download(url, root)
+    return _cache.download(url, root)
 
 
 def verify_cache(download_root: Optional[str] = None) -> list:
-    """Re-hash every recorded file in the cache folder and report each; see ``clip._download.verify_cache``."""
-    return _downloads.verify_cache(download_root)
+    """Re-hash every recorded file in the cache folder and report each; see ``clip._cache.verify_cache``."""
+    return _cache.verify_cache(download_root)
 
 
 def tokenize(texts: Union[str, List[str]], context_length: int = 77, truncate: bool = False) -> torch.IntTensor:
@@ -139,13 +138,13 @@ def _checkpoint_path(name: PathLike, download_root: Optional[PathLike]) -> str:
     name = os.fspath(name)
     # Looked up at call time: clients replace clip.clip._MODELS and clip.clip._download.
     if name in _MODELS:
-        return _download(_MODELS[name], _downloads.cache_dir(download_root))
+        return _download(_MODELS[name], _cache.cache_dir(download_root))
     path = os.path.expanduser(name)
     if os.path.exists(path):
         return path
     release = _release_name(name, _MODELS)
     if release is not None:
-        return _download(_MODELS[release], _downloads.cache_dir(download_root))
+        return _download(_MODELS[release], _cache.cache_dir(download_root))
     if _looks_like_path(name):
         raise FileNotFoundError(f"no checkpoint at {name}; expected a checkpoint file or a release name from "
                                 f"clip.available_models()")

@@ -14,7 +14,7 @@ from PIL import Image
 
 import clip
 import clip.clip
-from clip import _download
+from clip import _cache
 from clip._cli import main
 from checkpoints import TINY_VIT, random_state_dict, save_state_dict
 from httpserver import LocalServer
@@ -184,7 +184,7 @@ def test_download_all(capsys, registry):
     assert code == 0
     for name, data in files.values():
         assert (cache / name).read_bytes() == data
-        assert _download.cached_path(clip.clip._MODELS["RN50" if name == "RN50.pt" else "ViT-B/32"], cache)
+        assert _cache.cached_path(clip.clip._MODELS["RN50" if name == "RN50.pt" else "ViT-B/32"], cache)
 
 
 def test_download_unknown_name_suggests_close_ones(capsys, registry):

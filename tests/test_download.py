@@ -1,4 +1,4 @@
-"""Downloads and the cache (clip._download), against a real HTTP server on 127.0.0.1 with injected faults.
+"""Downloads and the cache (clip._cache over clip._http), against a real HTTP server on 127.0.0.1 with injected faults.
 
 No test can reach another host: every source points at the local server, proxy variables are cleared, and
 name resolution of any host but 127.0.0.1/localhost fails (see the ``sandbox`` fixture).
@@ -19,8 +19,8 @@ import warnings
 
 import pytest
 
-from clip import _download
-from clip._download import DownloadError
+from clip import _cache, _http
+from clip._cache import DownloadError
 from httpserver import LocalServer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def server():
 def sleeps(monkeypatch):
     """The waits between retries, recorded instead of slept."""
     waited = []
-    monkeypatch.setattr(_download, "_sleep", waited.append)
+    monkeypatch.setattr(_http, "_sleep", waited.append)
     return waited
 
 
@@ -100,7 +100,7 @@ def no_hashing(monkeypatch):
     def forbidden(path):
         raise AssertionError(f"{path} was hashed")
 
-    monkeypatch.setattr(_download, "_sha256_of", forbidden)
+    monkeypatch.setattr(_cache, "_sha256_of", forbidden)
 
 
 def child_env(**extra) -> dict:
@@ -116,25 +116,24 @@ def child_env(**extra) -> dict:
 
 def test_cache_dir_resolves_at_call_time(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "a"))
-    assert _download.cache_dir() == str(tmp_path / "a")
-    assert _download.cache_dir(tmp_path / "root") == str(tmp_path / "root")
-    assert _download.cache_dir("") == str(tmp_path / "a")  # the original's `download_root or default`
+    assert _cache.cache_dir() == str(tmp_path / "a")
+    assert _cache.cache_dir(tmp_path / "root") == str(tmp_path / "root")
+    assert _cache.cache_dir("") == str(tmp_path / "a")  # the original's `download_root or default`
     monkeypatch.delenv("CLIP_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _download.cache_dir() == str(tmp_path / "xdg" / "clip")
-    monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert _download.cache_dir() == str(tmp_path / "home" / ".cache" / "clip")
-    assert _download.cache_dir("~/models") == str(tmp_path / "home" / "models")
+    assert _cache.cache_dir() == str(tmp_path / "home" / ".cache" / "clip")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the original's folder, whatever XDG says
+    assert _cache.cache_dir() == str(tmp_path / "home" / ".cache" / "clip")
+    assert _cache.cache_dir("~/models") == str(tmp_path / "home" / "models")
 
 
 def test_sha256_from_url():
     digest = "ab" * 32
-    assert _download.sha256_from_url(f"https://host/clip/models/{digest}/RN50.pt") == digest
-    assert _download.sha256_from_url(f"https://host/{digest.upper()}/RN50.pt") == digest
+    assert _cache.sha256_from_url(f"https://host/clip/models/{digest}/RN50.pt") == digest
+    assert _cache.sha256_from_url(f"https://host/{digest.upper()}/RN50.pt") == digest
     for bad in ("https://host/clip/RN50.pt", f"https://host/{digest[:-1]}/RN50.pt", "RN50.pt"):
         with pytest.raises(DownloadError, match="sha256="):
-            _download.sha256_from_url(bad)
+            _cache.sha256_from_url(bad)
 
 
 @pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("YES", True), (" on ", True),
@@ -142,27 +141,27 @@ def test_sha256_from_url():
 @pytest.mark.parametrize("variable", ["CLIP_OFFLINE", "HF_HUB_OFFLINE"])
 def test_is_offline(monkeypatch, variable, value, offline):
     monkeypatch.setenv(variable, value)
-    assert _download.is_offline() is offline
+    assert _http.is_offline() is offline
 
 
 def test_sources_in_order_without_fetching(monkeypatch):
     digest = "cd" * 32
     release = f"https://openaipublic.azureedge.net/clip/models/{digest}/ViT-B-32.pt"
     origin = f"https://openaipublic.blob.core.windows.net/clip/models/{digest}/ViT-B-32.pt"
-    assert _download.download_sources(release) == [release, origin]
-    assert _download.download_sources(release, ["http://m/x", release]) == [release, origin, "http://m/x"]
-    assert _download.download_sources(release, "http://m/x")[-1] == "http://m/x"  # one URL passed bare
+    assert _http.download_sources(release) == [release, origin]
+    assert _http.download_sources(release, ["http://m/x", release]) == [release, origin, "http://m/x"]
+    assert _http.download_sources(release, "http://m/x")[-1] == "http://m/x"  # one URL passed bare
     monkeypatch.setenv("CLIP_DOWNLOAD_BASE", "file:///srv/clip/")
-    assert _download.download_sources(release) == ["file:///srv/clip/ViT-B-32.pt", release, origin]
+    assert _http.download_sources(release) == ["file:///srv/clip/ViT-B-32.pt", release, origin]
     other = f"http://127.0.0.1:1/{digest}/ViT-B-32.pt"
-    assert _download.download_sources(other) == ["file:///srv/clip/ViT-B-32.pt", other]
+    assert _http.download_sources(other) == ["file:///srv/clip/ViT-B-32.pt", other]
 
 
 def test_invalid_settings_are_named(monkeypatch, server):
     url, _ = publish(server, payload())
     monkeypatch.setenv("CLIP_DOWNLOAD_RETRIES", "many")
     with pytest.raises(DownloadError, match="CLIP_DOWNLOAD_RETRIES='many'"):
-        _download.download(url)
+        _cache.download(url)
     assert server.requests == []
 
 
@@ -173,7 +172,7 @@ def test_invalid_settings_are_named(monkeypatch, server):
 def test_fresh_download_is_verified_and_recorded(server, sandbox):
     data = payload()
     url, path = publish(server, data, "ViT-X.pt")
-    target = _download.download(url)
+    target = _cache.download(url)
     assert target == str(sandbox / "ViT-X.pt")
     assert pathlib.Path(target).read_bytes() == data
     record = json.loads(pathlib.Path(target + ".sha256.json").read_text())
@@ -181,14 +180,14 @@ def test_fresh_download_is_verified_and_recorded(server, sandbox):
     assert record == {"file": "ViT-X.pt", "sha256": sha(data), "size": SIZE, "mtime_ns": status.st_mtime_ns}
     assert sorted(os.listdir(sandbox)) == ["ViT-X.pt", "ViT-X.pt.lock", "ViT-X.pt.sha256.json"]
     assert len(gets(server, path)) == 1
-    assert _download.cached_path(url) == target
+    assert _cache.cached_path(url) == target
 
 
 def test_cached_call_makes_no_request_and_no_hash(server, no_hashing):
     url, _ = publish(server, payload())
-    first = _download.download(url)
+    first = _cache.download(url)
     before = listing(os.path.dirname(first))
-    assert _download.download(url) == first
+    assert _cache.download(url) == first
     assert len(server.requests) == 1
     assert listing(os.path.dirname(first)) == before
 
@@ -199,47 +198,47 @@ def test_file_without_record_is_hashed_once_then_trusted(server, sandbox, monkey
     sandbox.mkdir()
     (sandbox / "model.pt").write_bytes(data)  # put there by hand, or by the original package
     hashed = []
-    real = _download._sha256_of
-    monkeypatch.setattr(_download, "_sha256_of", lambda path: hashed.append(path) or real(path))
-    assert _download.download(url) == str(sandbox / "model.pt")
-    assert _download.download(url) == str(sandbox / "model.pt")
+    real = _cache._sha256_of
+    monkeypatch.setattr(_cache, "_sha256_of", lambda path: hashed.append(path) or real(path))
+    assert _cache.download(url) == str(sandbox / "model.pt")
+    assert _cache.download(url) == str(sandbox / "model.pt")
     assert hashed == [str(sandbox / "model.pt")]
     assert server.requests == []
 
 
 def test_touched_file_is_hashed_again_without_download(server, sandbox, recwarn):
     url, _ = publish(server, payload())
-    target = _download.download(url)
+    target = _cache.download(url)
     os.utime(target, ns=(1, 1))
-    assert _download.cached_path(url) is None  # cached_path never hashes: the record no longer vouches for it
-    assert _download.download(url) == target
+    assert _cache.cached_path(url) is None  # cached_path never hashes: the record no longer vouches for it
+    assert _cache.download(url) == target
     assert len(server.requests) == 1 and not recwarn.list
-    assert _download.cached_path(url) == target  # re-recorded
+    assert _cache.cached_path(url) == target  # re-recorded
 
 
 def test_modified_cached_file_is_detected_and_repaired(server):
     data = payload()
     url, path = publish(server, data)
-    target = _download.download(url)
+    target = _cache.download(url)
     with open(target, "r+b") as file:
         file.seek(1000)
         file.write(b"corrupted")
     os.utime(target, ns=(10**18, 10**18))  # a modification shows in the mtime, even on a coarse-clock system
     with pytest.warns(UserWarning, match=f"does not match.*expected {sha(data)}"):
-        assert _download.download(url) == target
+        assert _cache.download(url) == target
     assert pathlib.Path(target).read_bytes() == data
     assert len(gets(server, path)) == 2
-    assert _download.cached_path(url) == target
+    assert _cache.cached_path(url) == target
 
 
 def test_cached_path_never_writes_nor_hashes(server, sandbox, no_hashing):
     data = payload()
     url, _ = publish(server, data)
-    assert _download.cached_path(url) is None
+    assert _cache.cached_path(url) is None
     assert not sandbox.exists()
     sandbox.mkdir()
     (sandbox / "model.pt").write_bytes(data)
-    assert _download.cached_path(url) is None  # no record: not verified
+    assert _cache.cached_path(url) is None  # no record: not verified
     assert sorted(os.listdir(sandbox)) == ["model.pt"]
     assert server.requests == []
 
@@ -248,19 +247,19 @@ def test_verify_cache_rehashes_every_recorded_file(server, sandbox):
     good, bad, gone = payload(1), payload(2), payload(3)
     urls = [publish(server, data, name)[0] for data, name in ((good, "a.pt"), (bad, "b.pt"), (gone, "c.pt"))]
     for url in urls:
-        _download.download(url)
+        _cache.download(url)
     b = sandbox / "b.pt"
     status = b.stat()
     with open(b, "r+b") as file:  # same size, same mtime: only a full re-hash can tell
         file.write(b"X" * 16)
     os.utime(b, ns=(status.st_atime_ns, status.st_mtime_ns))
     (sandbox / "c.pt").unlink()
-    results = _download.verify_cache()
+    results = _cache.verify_cache()
     assert [(pathlib.Path(r.path).name, r.ok) for r in results] == [("a.pt", True), ("b.pt", False), ("c.pt", False)]
     assert results[0].sha256 == sha(good) and results[0].message == "ok"
     assert sha(bad) in results[1].message and sha(b.read_bytes()) in results[1].message
     assert "missing" in results[2].message
-    assert _download.verify_cache(sandbox / "nowhere") == []
+    assert _cache.verify_cache(sandbox / "nowhere") == []
 
 
 def test_explicit_sha256_for_a_url_without_hash(server):
@@ -268,12 +267,12 @@ def test_explicit_sha256_for_a_url_without_hash(server):
     server.files["/vocab/bpe.txt.gz"] = data
     url = server.url("/vocab/bpe.txt.gz")
     with pytest.raises(DownloadError, match="pass sha256="):
-        _download.download(url)
+        _cache.download(url)
     with pytest.raises(DownloadError, match="not 64 hexadecimal"):
-        _download.download(url, sha256="abc")
-    target = _download.download(url, sha256=sha(data).upper())
+        _cache.download(url, sha256="abc")
+    target = _cache.download(url, sha256=sha(data).upper())
     assert pathlib.Path(target).read_bytes() == data
-    assert _download.cached_path(url, sha256=sha(data)) == target
+    assert _cache.cached_path(url, sha256=sha(data)) == target
 
 
 def test_one_argument_download_uses_clip_cache_dir(server, monkeypatch, tmp_path):
@@ -283,7 +282,7 @@ def test_one_argument_download_uses_clip_cache_dir(server, monkeypatch, tmp_path
     url, _ = publish(server, payload())
     assert clip.clip._download(url) == str(tmp_path / "env-cache" / "model.pt")
     assert clip.clip._download(url, str(tmp_path / "given")) == str(tmp_path / "given" / "model.pt")
-    assert _download.download(url) == str(tmp_path / "env-cache" / "model.pt")
+    assert _cache.download(url) == str(tmp_path / "env-cache" / "model.pt")
     assert len(server.requests) == 2
 
 
@@ -295,7 +294,7 @@ def test_dropped_connection_is_resumed_with_range(server):
     data = payload()
     url, path = publish(server, data)
     server.add_fault(path, "truncate", 100_000)
-    target = _download.download(url)
+    target = _cache.download(url)
     assert pathlib.Path(target).read_bytes() == data
     assert gets(server, path)[1]["Range"] == "bytes=100000-"
     assert server.responses == [(path, 200, 100_000), (path, 206, SIZE - 100_000)]  # every byte sent once
@@ -307,7 +306,7 @@ def test_read_timeout_is_retried_and_resumed(server, monkeypatch):
     monkeypatch.setenv("CLIP_DOWNLOAD_TIMEOUT", "0.3")
     server.add_fault(path, "pause", 50_000, seconds=5)
     started = time.monotonic()
-    target = _download.download(url)
+    target = _cache.download(url)
     assert time.monotonic() - started < 4
     assert pathlib.Path(target).read_bytes() == data
     assert gets(server, path)[1]["Range"] == "bytes=50000-"
@@ -319,7 +318,7 @@ def test_no_answer_at_all_times_out_and_is_retried(server, monkeypatch):
     monkeypatch.setenv("CLIP_DOWNLOAD_TIMEOUT", "0.3")
     server.add_fault(path, "stall", seconds=5)  # connected, but no status line
     started = time.monotonic()
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert time.monotonic() - started < 4 and len(gets(server, path)) == 2
 
 
@@ -328,7 +327,7 @@ def test_always_truncated_body_fails_and_leaves_no_file(server, sandbox, sleeps)
     server.ranges = False
     server.add_fault(path, "truncate", 1000, times=None)
     with pytest.raises(DownloadError) as caught:
-        _download.download(url)
+        _cache.download(url)
     message = str(caught.value)
     assert url in message and "1000 of 300000 bytes" in message and str(sandbox) in message
     assert len(gets(server, path)) == RETRIES + 1
@@ -342,11 +341,11 @@ def test_broken_download_keeps_resumable_partial_for_next_call(server, sandbox):
     server.add_fault(path, "truncate", 120_000)
     server.add_fault(path, "status", 503, times=None)
     with pytest.raises(DownloadError, match="120000 bytes received are kept"):
-        _download.download(url)
+        _cache.download(url)
     assert not (sandbox / "model.pt").exists()
     assert (sandbox / "model.pt.partial").stat().st_size == 120_000
     server.faults.clear()
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert gets(server, path)[-1]["Range"] == "bytes=120000-"
     assert not (sandbox / "model.pt.partial").exists()
 
@@ -356,7 +355,7 @@ def test_wrong_bytes_fail_with_both_hashes(server, sandbox):
     path = f"/clip/models/{sha(expected)}/model.pt"
     server.files[path] = served
     with pytest.raises(DownloadError) as caught:
-        _download.download(server.url(path))
+        _cache.download(server.url(path))
     message = str(caught.value)
     assert f"expected {sha(expected)}, got {sha(served)}" in message
     assert "300000 bytes received" in message and server.url(path) in message
@@ -369,7 +368,7 @@ def test_503_twice_then_success(server, sleeps, status):
     data = payload()
     url, path = publish(server, data)
     server.add_fault(path, "status", status, times=2)
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert [answer for _, answer, _ in server.responses] == [status, status, 200]
     assert sleeps == [BACKOFF, 2 * BACKOFF]  # exponential backoff
 
@@ -378,7 +377,7 @@ def test_connection_closed_before_answering_is_retried(server, sleeps):
     data = payload()
     url, path = publish(server, data)
     server.add_fault(path, "drop", times=2)
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert len(gets(server, path)) == 3 and len(sleeps) == 2
 
 
@@ -387,7 +386,7 @@ def test_404_fails_fast_with_the_url(server, sandbox, sleeps, status):
     url = server.url(f"/clip/models/{'0' * 64}/missing.pt")
     server.add_fault(f"/clip/models/{'0' * 64}/missing.pt", "status", status)
     with pytest.raises(DownloadError, match=f"HTTP {status}") as caught:
-        _download.download(url)
+        _cache.download(url)
     assert url in str(caught.value)
     assert len(server.requests) == 1 and sleeps == []
     assert not (sandbox / "missing.pt").exists() and not (sandbox / "missing.pt.partial").exists()
@@ -397,7 +396,7 @@ def test_redirect_loop_fails_fast(server, sleeps):
     url, path = publish(server, payload())
     server.add_fault(path, "redirect", path, times=None)
     with pytest.raises(DownloadError, match="HTTP 30") as caught:
-        _download.download(url)
+        _cache.download(url)
     assert url in str(caught.value) and sleeps == []
 
 
@@ -405,7 +404,7 @@ def test_missing_content_length(server):
     data = payload()
     url, path = publish(server, data)
     server.content_length = False
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert len(gets(server, path)) == 1
 
 
@@ -415,7 +414,7 @@ def test_missing_content_length_and_cut_body_fails_on_the_hash(server, sandbox):
     server.ranges = False
     server.add_fault(path, "truncate", 5000, times=None)
     with pytest.raises(DownloadError, match="5000 bytes received"):
-        _download.download(url)
+        _cache.download(url)
     assert not (sandbox / "model.pt").exists()
 
 
@@ -428,7 +427,7 @@ def test_redirect_is_followed(server, code):
         target_url, _ = publish(storage, data)
         old = f"/clip/models/{sha(data)}/model.pt"
         server.add_fault(old, "redirect", target_url, code=code, times=None)
-        assert pathlib.Path(_download.download(server.url(old))).read_bytes() == data
+        assert pathlib.Path(_cache.download(server.url(old))).read_bytes() == data
         assert len(storage.requests) == 1
 
 
@@ -439,7 +438,7 @@ def test_resume_after_redirect_keeps_the_range(server):
         old = f"/clip/models/{sha(data)}/model.pt"
         server.add_fault(old, "redirect", target_url, times=None)
         storage.add_fault(path, "truncate", 70_000)
-        assert pathlib.Path(_download.download(server.url(old))).read_bytes() == data
+        assert pathlib.Path(_cache.download(server.url(old))).read_bytes() == data
         assert gets(storage, path)[1]["Range"] == "bytes=70000-"
 
 
@@ -448,7 +447,7 @@ def test_server_without_range_support_restarts_cleanly(server, sandbox):
     url, path = publish(server, data)
     server.ranges = False
     server.add_fault(path, "truncate", 100_000)
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert gets(server, path)[1]["Range"] == "bytes=100000-"  # asked, refused: the whole file came again
     assert server.responses == [(path, 200, 100_000), (path, 200, SIZE)]
     assert not (sandbox / "model.pt.partial").exists()
@@ -459,7 +458,7 @@ def test_wrong_range_in_answer_is_not_spliced(server):
     url, path = publish(server, data)
     server.add_fault(path, "truncate", 100_000)
     server.add_fault(path, "bad_range")  # 206, but from byte 0
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     ranges = [headers.get("Range") for headers in gets(server, path)]
     assert ranges == [None, "bytes=100000-", None]  # the odd answer was dropped and the file fetched whole
 
@@ -469,7 +468,7 @@ def test_stale_partial_with_wrong_bytes_restarts_from_zero(server, sandbox):
     url, path = publish(server, data)
     sandbox.mkdir()
     (sandbox / "model.pt.partial").write_bytes(b"left by some other download" * 100)
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     first, second = gets(server, path)
     assert first["Range"] == "bytes=2700-" and "Range" not in second
 
@@ -479,7 +478,7 @@ def test_complete_partial_is_accepted_on_416(server, sandbox):
     url, path = publish(server, data)
     sandbox.mkdir()
     (sandbox / "model.pt.partial").write_bytes(data)  # killed just before the move into place
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert server.responses == [(path, 416, 0)]
 
 
@@ -488,21 +487,21 @@ def test_partial_longer_than_the_file_restarts_from_zero(server, sandbox):
     url, path = publish(server, data)
     sandbox.mkdir()
     (sandbox / "model.pt.partial").write_bytes(data + b"from a bigger file")
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert [status for _, status, _ in server.responses] == [416, 200]
 
 
 def test_empty_file(server):
     url, _ = publish(server, b"")
-    assert pathlib.Path(_download.download(url)).read_bytes() == b""
-    assert _download.download(url) == _download.cached_path(url)
+    assert pathlib.Path(_cache.download(url)).read_bytes() == b""
+    assert _cache.download(url) == _cache.cached_path(url)
 
 
 def test_mirror_is_used_when_the_first_source_fails(server, sleeps):
     data = payload()
     mirror, mirror_path = publish(server, data, prefix="/mirror")
     broken = server.url(f"/clip/models/{sha(data)}/model.pt")  # 404 here
-    assert pathlib.Path(_download.download(broken, mirrors=[mirror])).read_bytes() == data
+    assert pathlib.Path(_cache.download(broken, mirrors=[mirror])).read_bytes() == data
     assert [requested for _, requested, _ in server.requests] == [broken.split(str(server.port))[1], mirror_path]
     assert sleeps == []
 
@@ -513,7 +512,7 @@ def test_mirror_is_used_when_the_first_host_refuses_connections(server, sandbox,
     with socket.socket() as unused:  # a port nobody listens on
         unused.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{unused.getsockname()[1]}/{sha(data)}/model.pt"
-    assert pathlib.Path(_download.download(dead, mirrors=[mirror])).read_bytes() == data
+    assert pathlib.Path(_cache.download(dead, mirrors=[mirror])).read_bytes() == data
     assert len(sleeps) == RETRIES  # connection errors are retried before moving on
 
 
@@ -523,7 +522,7 @@ def test_all_sources_failing_names_each(server, sandbox):
     second = server.url(f"/b/{sha(data)}/model.pt")
     server.files[f"/b/{sha(data)}/model.pt"] = b"not the model"
     with pytest.raises(DownloadError) as caught:
-        _download.download(first, mirrors=[second])
+        _cache.download(first, mirrors=[second])
     message = str(caught.value)
     assert f"{first}: HTTP 404" in message
     assert f"{second}: SHA-256 mismatch: expected {sha(data)}, got {sha(b'not the model')}" in message
@@ -535,7 +534,7 @@ def test_download_base_is_tried_first(server, monkeypatch):
     server.files["/airgap/model.pt"] = data
     release = server.url(f"/clip/models/{sha(data)}/model.pt")  # would 404; never asked
     monkeypatch.setenv("CLIP_DOWNLOAD_BASE", server.url("/airgap/"))
-    assert pathlib.Path(_download.download(release)).read_bytes() == data
+    assert pathlib.Path(_cache.download(release)).read_bytes() == data
     assert [requested for _, requested, _ in server.requests] == ["/airgap/model.pt"]
 
 
@@ -545,7 +544,7 @@ def test_download_base_may_be_a_folder(server, monkeypatch, tmp_path):
     (tmp_path / "share" / "model.pt").write_bytes(data)
     monkeypatch.setenv("CLIP_DOWNLOAD_BASE", (tmp_path / "share").as_uri())
     release = server.url(f"/clip/models/{sha(data)}/model.pt")
-    assert pathlib.Path(_download.download(release)).read_bytes() == data
+    assert pathlib.Path(_cache.download(release)).read_bytes() == data
     assert server.requests == []
 
 
@@ -553,33 +552,33 @@ def test_exception_mid_transfer_leaves_no_final_file(server, sandbox, monkeypatc
     data = payload()
     url, path = publish(server, data)
     server.content_length = False  # one connection, many reads
-    real = _download._Partial.append
+    real = _http.Sink.append
 
-    def interrupted(self, file, chunk):
-        real(self, file, chunk)
+    def interrupted(self, chunk):
+        real(self, chunk)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_download._Partial, "append", interrupted)
+    monkeypatch.setattr(_http.Sink, "append", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _download.download(url)
+        _cache.download(url)
     assert not (sandbox / "model.pt").exists()
     kept = (sandbox / "model.pt.partial").stat().st_size
     assert 0 < kept < SIZE
-    monkeypatch.setattr(_download._Partial, "append", real)
-    monkeypatch.setattr(_download, "LOCK_TIMEOUT", 5.0)  # a lock left held would fail here, not hang
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    monkeypatch.setattr(_http.Sink, "append", real)
+    monkeypatch.setattr(_cache, "LOCK_TIMEOUT", 5.0)  # a lock left held would fail here, not hang
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert gets(server, path)[-1]["Range"] == f"bytes={kept}-"  # Ctrl-C, then run again: it resumes
 
 
 def test_disk_error_fails_clearly_and_cleans_up(server, sandbox, monkeypatch):
     url, _ = publish(server, payload())
 
-    def disk_full(self, file, chunk):
+    def disk_full(self, chunk):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_download._Partial, "append", disk_full)
+    monkeypatch.setattr(_http.Sink, "append", disk_full)
     with pytest.raises(DownloadError, match="could not write model.pt into .*No space left on device"):
-        _download.download(url)
+        _cache.download(url)
     assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]
     assert len(server.requests) == 1  # a local error is not retried
 
@@ -597,7 +596,7 @@ def test_offline_makes_no_request_and_says_what_to_do(server, sandbox, monkeypat
     monkeypatch.setitem(clip.clip._MODELS, "ViT-T/1", url)
     monkeypatch.setenv(variable, "1")
     with pytest.raises(DownloadError) as caught:
-        _download.download(url, mirrors=["http://127.0.0.1:1/m/ViT-T-1.pt"])
+        _cache.download(url, mirrors=["http://127.0.0.1:1/m/ViT-T-1.pt"])
     message = str(caught.value)
     for part in (f"{variable}=1", "ViT-T-1.pt", "model ViT-T/1", sha(data), str(sandbox / "ViT-T-1.pt"), url,
                  "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}"):
@@ -608,9 +607,9 @@ def test_offline_makes_no_request_and_says_what_to_do(server, sandbox, monkeypat
 
 def test_offline_uses_a_verified_cached_file(server, monkeypatch):
     url, _ = publish(server, payload())
-    target = _download.download(url)
+    target = _cache.download(url)
     monkeypatch.setenv("CLIP_OFFLINE", "true")
-    assert _download.download(url) == target
+    assert _cache.download(url) == target
     assert len(server.requests) == 1
 
 
@@ -622,7 +621,7 @@ def test_offline_with_a_corrupt_cached_file(server, sandbox, monkeypatch):
     monkeypatch.setenv("CLIP_OFFLINE", "1")
     expected = f"does not match \\(its SHA-256 is {sha(b'garbage')}, expected {sha(data)}\\)"
     with pytest.raises(DownloadError, match=expected):
-        _download.download(url)
+        _cache.download(url)
     assert server.requests == []
 
 
@@ -630,17 +629,18 @@ def test_offline_with_a_corrupt_cached_file(server, sandbox, monkeypatch):
 # Several processes, killed processes, read-only caches
 
 
-# The children load clip/_download.py by its file: it needs only the standard library, filelock and tqdm, and
-# skipping the package's torch import keeps these tests fast (four cold torch imports take half a minute on 2 cores).
+# The children import clip._cache without clip/__init__.py: it needs only the standard library, filelock and tqdm,
+# and skipping the package's torch import keeps these tests fast (four cold torch imports take half a minute on
+# 2 cores). sys.argv[1] is the package folder.
 PRELUDE = r"""
-import importlib.util, os, sys, time, warnings
-spec = importlib.util.spec_from_file_location("clip_download_under_test", sys.argv[1])
-_download = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = _download
-spec.loader.exec_module(_download)
+import os, sys, time, types, warnings
+package = types.ModuleType("clip")
+package.__path__ = [sys.argv[1]]
+sys.modules["clip"] = package
+from clip import _cache
 args = sys.argv[2:]
 """
-MODULE = str(REPO / "clip" / "_download.py")
+MODULE = str(REPO / "clip")
 
 CONCURRENT = PRELUDE + r"""
 ready, url, count = args[0], args[1], int(args[2])
@@ -648,7 +648,7 @@ open(os.path.join(ready, str(os.getpid())), "w").close()
 deadline = time.monotonic() + 60
 while len(os.listdir(ready)) < count and time.monotonic() < deadline:  # start together
     time.sleep(0.005)
-print(_download.download(url))
+print(_cache.download(url))
 """
 
 
@@ -671,7 +671,7 @@ def test_four_processes_make_one_download(server, sandbox, tmp_path):
 
 
 KILLED = PRELUDE + r"""
-_download.download(args[0])
+_cache.download(args[0])
 """
 
 
@@ -692,7 +692,7 @@ def test_process_killed_mid_download_leaves_no_final_file(server, sandbox):
     assert not (sandbox / "model.pt").exists()
     kept = partial.stat().st_size
     assert 90_000 <= kept <= 100_000
-    assert pathlib.Path(_download.download(url)).read_bytes() == data
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert gets(server, path)[-1]["Range"] == f"bytes={kept}-"  # resumed from what the killed process wrote
     assert not partial.exists()
 
@@ -700,8 +700,8 @@ def test_process_killed_mid_download_leaves_no_final_file(server, sandbox):
 READ_ONLY = PRELUDE + r"""
 warnings.simplefilter(args[1])
 try:
-    print(_download.download(args[0]))
-except _download.DownloadError as error:
+    print(_cache.download(args[0]))
+except _cache.DownloadError as error:
     print("DownloadError:", error)
 """
 # What lets root write anyway: CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER.
@@ -738,7 +738,7 @@ def test_read_only_cache_with_verified_file_loads_without_writing(server, shared
     data = payload()
     url, _ = publish(server, data)
     monkeypatch.setenv("CLIP_CACHE_DIR", shared_folder)
-    target = _download.download(url)  # the cache's owner fills it
+    target = _cache.download(url)  # the cache's owner fills it
     os.remove(target + ".lock")
     before = listing(shared_folder)
     assert run_without_write_access(shared_folder, url).stdout.strip() == target  # warnings would be errors
@@ -784,7 +784,7 @@ def test_http_proxy_from_environment(monkeypatch):
         proxy.files[path] = data
         monkeypatch.setenv("http_proxy", proxy.url(""))
         url = f"http://clip-release.invalid{path}"  # a name that never resolves: only the proxy can answer
-        assert pathlib.Path(_download.download(url)).read_bytes() == data
+        assert pathlib.Path(_cache.download(url)).read_bytes() == data
         assert [requested for _, requested, _ in proxy.requests] == [url]
 
 
@@ -810,9 +810,9 @@ def test_custom_ca_bundle_from_environment(certificate, monkeypatch, tmp_path, v
     with LocalServer(tls=context) as secure:
         url, path = publish(secure, data)
         with pytest.raises(DownloadError, match="SSL_CERT_FILE or REQUESTS_CA_BUNDLE"):
-            _download.download(url, tmp_path / "untrusted")
+            _cache.download(url, tmp_path / "untrusted")
         monkeypatch.setenv(variable, str(cert))
-        assert pathlib.Path(_download.download(url, tmp_path / "trusted")).read_bytes() == data
+        assert pathlib.Path(_cache.download(url, tmp_path / "trusted")).read_bytes() == data
         assert len(gets(secure, path)) == 1  # the untrusted attempt never got past the handshake
 
 
@@ -820,12 +820,12 @@ def test_unusable_ca_bundle_is_named(server, monkeypatch, tmp_path):
     url, _ = publish(server, payload())
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
     with pytest.raises(DownloadError, match="REQUESTS_CA_BUNDLE=.*missing.pem"):
-        _download.download(url)
+        _cache.download(url)
 
 
 def test_no_warnings_on_the_happy_path(server):
     url, _ = publish(server, payload())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _download.download(url)
-        _download.download(url)
+        _cache.download(url)
+        _cache.download(url)

@@ -1,0 +1,620 @@
+"""The download cache: where release files live, how they get there verified, and how they are trusted afterwards.
+
+``download(url)`` returns ``<cache folder>/<file name>`` once its SHA-256 is the one the URL carries. This module
+decides the names (the final file, ``<file>.partial``, ``<file>.lock``, the record ``<file>.sha256.json``), holds
+the lock, verifies the bytes and writes the records; ``clip._http`` only moves bytes. Every file here is opened
+without following links, and anything at one of these names that is not a plain file is never read or written
+through. `write_atomically` is the one way files are replaced (the command line uses it too). The README describes
+the cache, its trust model and the environment variables.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import stat
+import urllib.parse
+import uuid
+import warnings
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import filelock
+
+from . import _http, _registry
+
+__all__ = ["CacheCheck", "DownloadError", "cache_dir", "cached_path", "download", "sha256_from_url",
+           "verify_cache", "write_atomically"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CHUNK_SIZE = 1 << 20  # 1 MiB per hash step: per-call overhead vanishes, memory stays flat
+LOCK_TIMEOUT = 6 * 3600.0  # another process may be fetching 1.35 GB over a slow link; past this, something is stuck
+RECORD_MAX_BYTES = 1 << 16  # a record is about 150 bytes; a bigger "record" is not ours and is not read
+
+RECORD_SUFFIX = ".sha256.json"
+PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Opening flags that never follow a link and never block on a named pipe (absent flags are 0 where unsupported).
+_SAFE_OPEN = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded or verified; the message says what was tried and what to do."""
+
+
+class _NotAFile(OSError):
+    """Something other than a plain file of its own is at a path the cache reads or writes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheCheck:
+    """The result of re-hashing one recorded file of the cache (see `verify_cache`)."""
+
+    path: str
+    sha256: str  # the expected SHA-256, from the file's record
+    ok: bool
+    message: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def cache_dir(root: Optional[PathLike] = None) -> str:
+    """Return the cache folder, resolved now.
+
+    Parameters
+    ----------
+    root : str or os.PathLike, optional
+        The ``download_root`` a caller gave; used when set (an empty string counts as unset, as in the original).
+
+    Returns
+    -------
+    str
+        The absolute folder: ``root``, else ``$CLIP_CACHE_DIR``, else the original's ``~/.cache/clip`` (whatever
+        ``XDG_CACHE_HOME`` says, so that a cache the original filled is used), with ``~`` expanded. The folder is
+        not created.
+    """
+    if root is not None and os.fspath(root):
+        folder = os.fspath(root)
+    elif os.environ.get("CLIP_CACHE_DIR"):
+        folder = os.environ["CLIP_CACHE_DIR"]
+    else:
+        folder = os.path.join("~", ".cache", "clip")
+    return os.path.abspath(os.path.expanduser(folder))
+
+
+def sha256_from_url(url: str) -> str:
+    """Return the SHA-256 a release URL carries as its second-to-last path segment, in lower case.
+
+    Raises
+    ------
+    DownloadError
+        If that segment is not 64 hexadecimal digits.
+    """
+    segments = urllib.parse.urlsplit(url).path.split("/")
+    candidate = segments[-2].lower() if len(segments) >= 2 else ""
+    if not _SHA256_HEX.fullmatch(candidate):
+        raise DownloadError(
+            f"cannot tell the expected SHA-256 of {url}: release URLs end in /<64 hex digits>/<file name>; "
+            "pass sha256= to give it"
+        )
+    return candidate
+
+
+def cached_path(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str] = None) -> Optional[str]:
+    """Return the path of ``url``'s file if the cache holds it verified by its record, else None.
+
+    Only the file's size and modification time are compared with the record: nothing is hashed, nothing is written
+    and the network is never used. A file without a record, or that is not a plain file, counts as not verified.
+    """
+    expected = _expected_sha256(url, sha256)
+    target = _target(url, root)
+    status = _lstat(target)
+    return target if _is_file(status) and _record_matches(target, expected, status) else None
+
+
+def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str] = None,
+             mirrors: Sequence[str] = ()) -> str:
+    """Return the path of ``url``'s file in the cache, downloading and verifying it first if needed.
+
+    Parameters
+    ----------
+    url : str
+        The release URL; the file keeps its last path segment as its name.
+    root : str or os.PathLike, optional
+        The cache folder; see `cache_dir`.
+    sha256 : str, optional
+        The expected SHA-256; by default the URL's second-to-last path segment (see `sha256_from_url`).
+    mirrors : sequence of str
+        Further URLs serving the same bytes, tried after the URL and its automatic mirror.
+
+    Returns
+    -------
+    str
+        ``<cache folder>/<file name>``, a plain file whose SHA-256 is the expected one.
+
+    Raises
+    ------
+    DownloadError
+        If no source gave the right bytes, the cache folder cannot be written, a setting is invalid, or the machine
+        is offline (``CLIP_OFFLINE``) and the file is not in the cache; the message names the URLs tried, the
+        hashes, the bytes received, the folder and what to do. A wrong file found in the cache is left in place
+        until a verified one replaces it.
+    """
+    expected = _expected_sha256(url, sha256)
+    target = _target(url, root)
+    seen = _inspect(target, expected)
+    if seen.ok:
+        return target
+    label = _describe(url, target)
+    try:
+        offline = _http.offline_variable()
+        sources = _http.download_sources(url, mirrors)
+        if offline is None:
+            settings, opener = _http.Settings.from_environment(), _http.make_opener()
+    except _http.SettingError as error:
+        raise DownloadError(str(error)) from None
+    if offline is not None:
+        raise DownloadError(_offline_message(offline, label, target, expected, sources, seen))
+    with _locked(target, f"{label} {_state(seen, expected)}"):
+        current = _lstat(target)
+        if _identity(current) != seen.identity:
+            # The file appeared or changed while we waited for the lock: most likely another process downloaded it.
+            seen = _inspect(target, expected)
+            if seen.ok:
+                return target
+        if seen.identity is not None:
+            warnings.warn(f"{target} {_state(seen, expected)}; downloading it again (it is kept until a verified "
+                          "copy replaces it)", stacklevel=2)
+        try:
+            _fetch(sources, target, expected, label, settings, opener)
+        except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
+            with contextlib.suppress(OSError):
+                os.remove(target + PARTIAL_SUFFIX)
+            raise DownloadError(
+                f"could not write {os.path.basename(target)} into {os.path.dirname(target)} ({error}); free some "
+                "space there or choose another folder with download_root= or CLIP_CACHE_DIR") from error
+        except DownloadError as error:
+            if seen.identity is None:
+                raise
+            raise DownloadError(f"{error}\nThe file that was at {target} before is left as it was ({label} "
+                                f"{_state(seen, expected)}).") from None
+        _record_or_warn(target, expected, os.lstat(target))
+    return target
+
+
+def verify_cache(root: Optional[PathLike] = None, *, files: Optional[Sequence[str]] = None) -> List[CacheCheck]:
+    """Re-hash every file of the cache folder that has a record (or only the named ``files``), and report each.
+
+    Hashing streams each file; nothing is written. A file whose bytes changed while its size and modification time
+    stayed the same passes the quick check `download` makes, and only this full check finds it.
+
+    Returns
+    -------
+    list of CacheCheck
+        One result per record, sorted by path: ``ok`` and a message saying what is wrong and what to do.
+
+    Raises
+    ------
+    DownloadError
+        If the cache folder exists but cannot be listed (no permission, a loop of symbolic links).
+    """
+    folder = cache_dir(root)
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise DownloadError(f"cannot list the cache folder {folder}: {error}; fix it or choose another folder "
+                            "with download_root= or CLIP_CACHE_DIR") from None
+    results = []
+    for name in names:
+        file_name = name[:-len(RECORD_SUFFIX)]
+        if name.endswith(RECORD_SUFFIX) and file_name and (files is None or file_name in files):
+            results.append(_check_recorded(os.path.join(folder, file_name)))
+    return results
+
+
+def write_atomically(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a new file beside it, which then replaces ``path``.
+
+    The new file is created exclusively (never through a link or into an existing file), flushed to disk and
+    moved into place in one step, so readers see the old file or the complete new one, even after a power cut.
+    A link at ``path`` is replaced, never followed. The file gets the permissions of the process's umask.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write; its folder must exist.
+    write : callable
+        Called with the binary file object to fill.
+    """
+    path = os.fspath(path)
+    temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    file = _create(temporary)
+    try:
+        with file:
+            write(file)
+            _commit(file, temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names and messages
+
+
+def _expected_sha256(url: str, sha256: Optional[str]) -> str:
+    if sha256 is None:
+        return sha256_from_url(url)
+    if not _SHA256_HEX.fullmatch(sha256.strip().lower()):
+        raise DownloadError(f"sha256={sha256!r} for {url} is not 64 hexadecimal digits")
+    return sha256.strip().lower()
+
+
+def _target(url: str, root: Optional[PathLike]) -> str:
+    """``<cache folder>/<file name>``; the raw last URL segment (never unquoted, so "%2F" cannot become a "/")."""
+    name = _registry.file_name(url)
+    if name in ("", ".", "..") or any(sep and sep in name for sep in (os.sep, os.altsep)):
+        raise DownloadError(f"{url} does not end in a file name")
+    return os.path.join(cache_dir(root), name)
+
+
+def _size_bound(target: str) -> Optional[int]:
+    """The most bytes a download of ``target`` may bring: a release file's known size with a margin, else none."""
+    size = _registry.APPROXIMATE_SIZES.get(os.path.basename(target))
+    # The published sizes are rounded to at most 10 MB, under 4% of the smallest release: 10% more never cuts one.
+    return None if size is None else size + size // 10
+
+
+def _describe(url: str, target: str) -> str:
+    """The file name, with the model's name when the registry has the URL."""
+    name = os.path.basename(target)
+    model = next((model for model, model_url in _registry.MODELS.items() if model_url == url), None)
+    return name if model is None else f"{name} (model {model})"
+
+
+def _state(seen: "_Seen", expected: str) -> str:
+    if seen.identity is None:
+        return "is not in the cache"
+    if seen.kind is not None:
+        return f"in the cache is {seen.kind}, not a plain file"
+    return f"in the cache does not match (its SHA-256 is {seen.actual}, expected {expected})"
+
+
+def _offline_message(variable: str, label: str, target: str, expected: str, sources: Sequence[str],
+                     seen: "_Seen") -> str:
+    urls = "".join(f"\n  {source}" for source in sources)
+    kept = " (the file there now is left as it is)" if seen.identity is not None else ""
+    return (
+        f"{variable}={os.environ[variable]} is set, so clip does not use the network, and "
+        f"{label} {_state(seen, expected)}.\n"
+        f"To use it offline, fetch it on a machine with network access from one of:{urls}\n"
+        f"check that its SHA-256 is {expected}, and put it at {target}{kept} "
+        f"(the folder {os.path.dirname(target)}, chosen by download_root or CLIP_CACHE_DIR).\n"
+        f"Or unset {variable} to let clip download it."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files that are never followed through links
+
+
+def _lstat(path: str) -> Optional[os.stat_result]:
+    """The entry at ``path`` itself (a link is not followed), or None if there is none."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:  # a loop of links in the folder's path, no permission, ...
+        raise DownloadError(f"cannot look at {path}: {error}; fix the cache folder or choose another with "
+                            "download_root= or CLIP_CACHE_DIR") from None
+
+
+def _is_file(status: Optional[os.stat_result]) -> bool:
+    return status is not None and stat.S_ISREG(status.st_mode)
+
+
+def _kind(status: os.stat_result) -> str:
+    """What a directory entry that is not a plain file is, in words."""
+    for test, words in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+                        (stat.S_ISFIFO, "a named pipe")):
+        if test(status.st_mode):
+            return words
+    return "a special file"
+
+
+def _open_file(path: str, flags: int) -> Optional[int]:
+    """A descriptor of the plain file at ``path`` (never through a link), or None if there is none there.
+
+    Raises
+    ------
+    OSError
+        If something else is there: a link (refused by O_NOFOLLOW), a pipe, a folder, a device; or if the file
+        has other names (a hard link: writing it would change another file).
+    """
+    try:
+        descriptor = os.open(path, flags | _SAFE_OPEN | _BINARY)
+    except FileNotFoundError:
+        return None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or ((flags & os.O_ACCMODE) != os.O_RDONLY and status.st_nlink != 1):
+        os.close(descriptor)
+        raise _NotAFile(f"{path} is not a plain file of its own")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(descriptor, True)
+    return descriptor
+
+
+def _create(path: str) -> BinaryIO:
+    """A new, empty file at ``path``, created exclusively: fails if anything (a link included) is there."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _SAFE_OPEN | _BINARY, 0o666)
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "r+b")
+
+
+def _replace_odd_entry(path: str) -> None:
+    """Remove what is at ``path`` if it is not a plain file of its own (the entry itself, never a link's target)."""
+    status = _lstat(path)
+    if status is not None and not (stat.S_ISREG(status.st_mode) and status.st_nlink == 1):
+        warnings.warn(f"{path} is {_kind(status) if not stat.S_ISREG(status.st_mode) else 'a hard link'}, not a "
+                      "file of the cache: removed, and a new file made in its place", stacklevel=4)
+        os.remove(path)
+
+
+def _commit(file: BinaryIO, temporary: str, path: str) -> None:
+    """Flush ``file`` (open at ``temporary``) to disk, close it and move it to ``path`` in one step."""
+    file.flush()
+    os.fsync(file.fileno())  # so that a power cut cannot leave a recorded file of zeros
+    file.close()
+    os.replace(temporary, path)
+
+
+def _identity(status: Optional[os.stat_result]) -> Optional[Tuple[int, int, int]]:
+    return None if status is None else (status.st_mode, status.st_size, status.st_mtime_ns)
+
+
+def _sha256_of(path: str) -> "hashlib._Hash":
+    """Hash a cached file in chunks (never the whole file in memory); the only place cached files are hashed."""
+    descriptor = _open_file(path, os.O_RDONLY)
+    if descriptor is None:
+        raise FileNotFoundError(path)
+    with os.fdopen(descriptor, "rb") as file:
+        return _hash_rest(file, hashlib.sha256())
+
+
+def _hash_rest(file: BinaryIO, digest) -> "hashlib._Hash":
+    for block in iter(lambda: file.read(CHUNK_SIZE), b""):
+        digest.update(block)
+    return digest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records: verified once
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """What a look at a cached file found."""
+
+    ok: bool
+    identity: Optional[Tuple[int, int, int]] = None  # (mode, size, mtime_ns) of what was there, None if nothing
+    actual: Optional[str] = None  # its SHA-256 when it was hashed and found wrong
+    kind: Optional[str] = None  # what it is when it is not a plain file ("a symbolic link", ...)
+
+
+def _read_record(target: str) -> Optional[dict]:
+    try:
+        descriptor = _open_file(target + RECORD_SUFFIX, os.O_RDONLY)
+        if descriptor is None:
+            return None
+        with os.fdopen(descriptor, "rb") as file:
+            text = file.read(RECORD_MAX_BYTES + 1)
+        if len(text) > RECORD_MAX_BYTES:
+            return None
+        record = json.loads(text.decode("utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not a file, not JSON: as if the file was never verified
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _record_matches(target: str, expected: str, status: os.stat_result) -> bool:
+    record = _read_record(target)
+    return (record is not None and record.get("sha256") == expected
+            and (record.get("size"), record.get("mtime_ns")) == (status.st_size, status.st_mtime_ns))
+
+
+def _write_record(target: str, sha256: str, status: os.stat_result) -> None:
+    record = {"file": os.path.basename(target), "sha256": sha256, "size": status.st_size,
+              "mtime_ns": status.st_mtime_ns}
+    text = json.dumps(record, indent=1) + "\n"
+    write_atomically(target + RECORD_SUFFIX, lambda file: file.write(text.encode("utf-8")))
+
+
+def _inspect(target: str, expected: str) -> _Seen:
+    """Look at the cached file: trusted by its record, or hashed (and then recorded if the folder allows)."""
+    status = _lstat(target)
+    if status is None:
+        return _Seen(ok=False)
+    if not stat.S_ISREG(status.st_mode):
+        return _Seen(ok=False, identity=_identity(status), kind=_kind(status))
+    if _record_matches(target, expected, status):
+        return _Seen(ok=True, identity=_identity(status))
+    try:
+        actual = _sha256_of(target).hexdigest()
+    except OSError as error:
+        raise DownloadError(f"cannot read {target}: {error}") from None
+    if actual != expected:
+        return _Seen(ok=False, identity=_identity(status), actual=actual)
+    _record_or_warn(target, expected, status)
+    return _Seen(ok=True, identity=_identity(status))
+
+
+def _record_or_warn(target: str, expected: str, status: os.stat_result) -> None:
+    try:
+        _write_record(target, expected, status)
+    except OSError as error:  # a read-only shared cache: use the file all the same, and say what that costs
+        warnings.warn(
+            f"{target} is verified, but no record of that can be written beside it ({error}), so it is hashed "
+            "again on every load; loading it once with write access to the folder records it", stacklevel=4)
+
+
+def _check_recorded(target: str) -> CacheCheck:
+    record = _read_record(target) or {}
+    expected = record.get("sha256")
+    if not isinstance(expected, str):
+        return CacheCheck(target, "", False,
+                          f"the record {target + RECORD_SUFFIX} is unreadable: delete it; the next load re-checks")
+    status = _lstat(target)
+    if status is None:
+        return CacheCheck(target, expected, False, "missing: the record has no file beside it")
+    if not stat.S_ISREG(status.st_mode):
+        return CacheCheck(target, expected, False, f"{_kind(status)}, not a plain file: the cache never follows "
+                                                   "one; delete it and load the model again")
+    try:
+        actual = _sha256_of(target).hexdigest()
+    except OSError as error:
+        return CacheCheck(target, expected, False, f"cannot be read: {error}")
+    if actual != expected:
+        return CacheCheck(target, expected, False,
+                          f"corrupt: SHA-256 is {actual}, expected {expected}; delete it and load it again "
+                          "to download a fresh copy")
+    return CacheCheck(target, expected, True, "ok")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Locks
+
+
+@contextlib.contextmanager
+def _locked(target: str, what: str) -> Iterator[None]:
+    """Hold ``<target>.lock`` so that one process at a time downloads ``target``; the others wait here.
+
+    ``what`` says which file is needed and why, for the error when the folder cannot be written. The lock file
+    stays after use: removing it would let a process still waiting on the old file and a newcomer that creates a
+    new one both hold "the" lock (filelock locks the open file, not the name).
+    """
+    folder = os.path.dirname(target)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"no write permission on {folder}")
+        _replace_odd_entry(target + LOCK_SUFFIX)  # older filelock releases open it following links, and truncate
+        lock = _acquire_lock(target + LOCK_SUFFIX)
+    except filelock.Timeout as error:
+        raise DownloadError(
+            f"waited {LOCK_TIMEOUT:.0f} s for {target + LOCK_SUFFIX}, held by another process downloading "
+            f"{os.path.basename(target)}; if no such process runs any more, delete the lock file") from error
+    except OSError as error:
+        raise DownloadError(
+            f"{what}, and it must be downloaded into {folder}, which cannot be written ({error}); choose a writable "
+            "folder with download_root= or CLIP_CACHE_DIR, or put the verified file there") from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _acquire_lock(path: str) -> filelock.BaseFileLock:
+    lock = filelock.FileLock(path, timeout=LOCK_TIMEOUT)
+    try:
+        lock.acquire()
+    except NotImplementedError:
+        # A file system without flock (some network ones): filelock 4 falls back by itself, older releases raise.
+        # An exclusive-create lock file works everywhere, at the price of a stale file after kill -9.
+        lock = filelock.SoftFileLock(path, timeout=LOCK_TIMEOUT)
+        lock.acquire()
+    return lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Filling the cache
+
+
+def _open_partial(path: str) -> _http.Sink:
+    """The ``.partial`` file to resume (its bytes hashed once) or a new one; anything else there is replaced."""
+    try:
+        descriptor = _open_file(path, os.O_RDWR)
+    except OSError:  # a link, a pipe, a hard link to another file: never written through
+        _replace_odd_entry(path)
+        descriptor = None
+    if descriptor is None:
+        return _http.Sink(_create(path), hashlib.sha256(), 0)
+    file = os.fdopen(descriptor, "r+b")
+    try:
+        digest = _hash_rest(file, hashlib.sha256())  # bytes left by an interrupted run: the hash runs on from here
+    except BaseException:
+        file.close()
+        raise
+    return _http.Sink(file, digest, file.tell())
+
+
+def _fetch(sources: Sequence[str], target: str, expected: str, label: str, settings: _http.Settings,
+           opener) -> None:
+    """Put the verified file at ``target`` from the first source that gives it, or raise DownloadError."""
+    partial = target + PARTIAL_SUFFIX
+    sink = _open_partial(partial)
+    failures = []
+    try:
+        for url in sources:
+            try:
+                _fetch_from(url, sink, expected, settings, opener, label, _size_bound(target))
+            except _http.TransferError as failure:
+                failures.append(f"{url}: {failure}")
+                continue
+            _commit(sink.file, partial, target)
+            return
+    finally:
+        sink.file.close()
+    received = sink.size
+    if received and sink.resumable:
+        kept = f"The {received} bytes received are kept in {partial}; the next try resumes from there.\n"
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        kept = ""
+    tried = "".join(f"\n  {failure}" for failure in failures)
+    raise DownloadError(
+        f"could not download {label} into {os.path.dirname(target)}; tried:{tried}\n{kept}"
+        "Check the network and any proxy (HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE), then try again; or fetch the file "
+        f"from one of those URLs yourself, check that its SHA-256 is {expected}, and put it at {target}; or set "
+        "CLIP_DOWNLOAD_BASE to a mirror that has it."
+    )
+
+
+def _fetch_from(url: str, sink: _http.Sink, expected: str, settings: _http.Settings, opener, label: str,
+                limit: Optional[int]) -> None:
+    """Fill ``sink`` with the expected bytes from ``url``; raise TransferError if this source will not give them."""
+    restarted = False
+    while True:
+        try:
+            _http.fetch(url, sink, settings, opener, label=label, limit=limit)
+        except _http.RangeNotSatisfiable:
+            if sink.size and sink.digest.hexdigest() == expected:
+                return  # the partial file already held every byte (a run killed just before moving it)
+            if restarted or not sink.size:
+                raise
+            sink.restart()
+            restarted = True
+            continue
+        actual = sink.digest.hexdigest()
+        if actual == expected:
+            return
+        if sink.spliced and not restarted:
+            # Bytes kept from an earlier transfer may belong to another file or version: fetch it whole once more.
+            sink.restart()
+            restarted = True
+            continue
+        received = sink.size
+        sink.restart()
+        raise _http.TransferError(f"SHA-256 mismatch: expected {expected}, got {actual} ({received} bytes received)")
