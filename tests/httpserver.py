@@ -14,6 +14,7 @@ Faults, for the download tests: ``server.add_fault(path, kind, value, seconds=..
 - ``"drop"``: close the connection without answering.
 - ``"stall"``: wait ``seconds`` (cut short when the server stops) before answering, then answer normally.
 - ``"bad_range"``: answer a ``Range`` request with 206 but the bytes (and ``Content-Range``) from offset 0.
+- ``"drip"``: send the body ``value`` bytes at a time, waiting ``seconds`` before each piece (a slow link).
 
 Server-wide switches: ``server.ranges = False`` ignores ``Range`` headers (always the whole file, 200);
 ``server.content_length = False`` sends no ``Content-Length`` (the body ends when the connection closes).
@@ -91,7 +92,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         sent = len(payload)
-        if fault is not None and fault.kind in ("truncate", "pause"):
+        if fault is not None and fault.kind == "drip":
+            step = max(1, int(fault.value))
+            for start in range(0, len(payload), step):
+                if server.stopping.wait(fault.seconds):
+                    self.close_connection = True
+                    sent = start
+                    break
+                self.wfile.write(payload[start:start + step])
+                self.wfile.flush()
+        elif fault is not None and fault.kind in ("truncate", "pause"):
             sent = min(int(fault.value), len(payload))
             self.wfile.write(payload[:sent])
             self.wfile.flush()
@@ -152,7 +162,7 @@ class LocalServer:
 
         ``"redirect"`` answers with status ``code`` (302 unless given) and ``Location: value``.
         """
-        if kind not in ("status", "redirect", "truncate", "pause", "drop", "bad_range", "stall"):
+        if kind not in ("status", "redirect", "truncate", "pause", "drop", "bad_range", "stall", "drip"):
             raise ValueError(f"unknown fault {kind!r}")
         with self._faults_lock:
             self.faults.setdefault(path, []).append(Fault(kind, value, seconds, code, times))

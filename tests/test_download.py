@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import warnings
 
 import pytest
 
-from clip import _cache, _http
+from clip import _cache, _http, _registry
 from clip._cache import DownloadError
 from httpserver import LocalServer
 
@@ -829,3 +830,289 @@ def test_no_warnings_on_the_happy_path(server):
         warnings.simplefilter("error")
         _cache.download(url)
         _cache.download(url)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile caches and servers: links and special files, wrong files kept, size and time bounds, settings
+
+
+@pytest.fixture
+def bounded():
+    """Fail (rather than hang) a test that runs past 30 s: a followed pipe or a stuck read would block for ever."""
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def too_long(signum, frame):
+        raise TimeoutError("the test ran past its 30 s bound")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+VICTIM = b"another user's file"
+
+
+def plant(kind: str, path: pathlib.Path, victim: pathlib.Path) -> None:
+    """Put something that is not a plain file of the cache at ``path``."""
+    if kind == "symlink":
+        os.symlink(victim, path)
+    elif kind == "hardlink":
+        os.link(victim, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:  # a link to itself: every stat() of it fails with ELOOP
+        os.symlink(path.name, path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links and pipes")
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "loop"])
+@pytest.mark.parametrize("name", ["model.pt.partial", "model.pt.lock", "model.pt.sha256.json", "model.pt"])
+def test_links_and_special_files_are_never_followed_nor_reused(server, sandbox, tmp_path, bounded, name, kind):
+    data = payload()
+    url, path = publish(server, data)
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    sandbox.mkdir()
+    plant(kind, sandbox / name, victim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # replacing a planted partial or lock file says so
+        target = _cache.download(url)
+    assert victim.read_bytes() == VICTIM and victim.stat().st_nlink == 1  # nothing written through, nothing kept
+    assert pathlib.Path(target).read_bytes() == data
+    for entry in os.scandir(sandbox):  # the final file, its record and the lock: plain files of their own
+        assert entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_nlink == 1, entry.name
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert _cache.cached_path(url) == target
+    assert len(gets(server, path)) == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+def test_a_record_behind_a_link_vouches_for_nothing(server, sandbox, tmp_path):
+    data = payload()
+    url, path = publish(server, data)
+    sandbox.mkdir()
+    target = sandbox / "model.pt"
+    target.write_bytes(b"not the model")
+    status = target.stat()
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({"file": "model.pt", "sha256": sha(data), "size": status.st_size,
+                                  "mtime_ns": status.st_mtime_ns}))
+    before = forged.read_bytes()
+    os.symlink(forged, str(target) + ".sha256.json")
+    assert _cache.cached_path(url) is None
+    with pytest.warns(UserWarning, match="does not match"):
+        assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert forged.read_bytes() == before and not os.path.islink(str(target) + ".sha256.json")
+    assert len(gets(server, path)) == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+def test_a_link_as_the_final_file_is_not_trusted_even_to_the_right_bytes(server, sandbox, tmp_path):
+    data = payload()
+    url, path = publish(server, data)
+    elsewhere = tmp_path / "copy.pt"
+    elsewhere.write_bytes(data)
+    sandbox.mkdir()
+    os.symlink(elsewhere, sandbox / "model.pt")
+    assert _cache.cached_path(url) is None
+    with pytest.warns(UserWarning, match="symbolic link, not a plain file"):
+        target = _cache.download(url)
+    assert not os.path.islink(target) and pathlib.Path(target).read_bytes() == data
+    assert elsewhere.read_bytes() == data and len(gets(server, path)) == 1
+
+
+def test_a_wrong_file_is_kept_until_a_verified_one_replaces_it(server, sandbox):
+    data = payload()
+    url, path = publish(server, data)
+    sandbox.mkdir()
+    mine = sandbox / "model.pt"
+    mine.write_bytes(b"my own file")
+    server.add_fault(path, "status", 404)
+    with pytest.warns(UserWarning, match="kept until a verified copy replaces it"):
+        with pytest.raises(DownloadError) as caught:
+            _cache.download(url)
+    message = str(caught.value)
+    assert f"The file that was at {mine} before is left as it was" in message and sha(b"my own file") in message
+    assert mine.read_bytes() == b"my own file"
+    with pytest.warns(UserWarning, match="does not match"):
+        assert pathlib.Path(_cache.download(url)).read_bytes() == data  # replaced only now, by a verified copy
+
+
+@pytest.mark.parametrize("kind", ["wrong bytes", "loop"])
+def test_offline_keeps_what_is_there_and_says_where(server, sandbox, monkeypatch, kind):
+    url, _ = publish(server, payload())
+    sandbox.mkdir()
+    mine = sandbox / "model.pt"
+    if kind == "loop":
+        if sys.platform == "win32":
+            pytest.skip("POSIX links")
+        os.symlink(mine.name, mine)
+    else:
+        mine.write_bytes(b"my own file")
+    monkeypatch.setenv("CLIP_OFFLINE", "1")
+    with pytest.raises(DownloadError) as caught:
+        _cache.download(url)
+    message = str(caught.value)
+    assert str(mine) in message and "(the file there now is left as it is)" in message
+    assert ("symbolic link, not a plain file" in message) if kind == "loop" else (sha(b"my own file") in message)
+    assert os.path.islink(mine) if kind == "loop" else mine.read_bytes() == b"my own file"
+    assert server.requests == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+def test_a_loop_of_links_in_the_cache_path_is_a_clear_error(server, tmp_path, monkeypatch, bounded):
+    import clip.clip
+
+    url, _ = publish(server, payload())
+    loop = tmp_path / "loop"
+    os.symlink(loop.name, loop)  # the cache folder is a link to itself
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(loop))
+    for call in (_cache.download, _cache.cached_path, clip.clip._download):
+        with pytest.raises(DownloadError, match=f"cannot look at {re.escape(str(loop))}.*CLIP_CACHE_DIR"):
+            call(url)
+    with pytest.raises(DownloadError, match=f"cannot list the cache folder {re.escape(str(loop))}"):
+        _cache.verify_cache()
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_a_body_past_the_release_size_bound_is_cut_off(server, sandbox, monkeypatch, bounded, with_length):
+    monkeypatch.setitem(_registry.APPROXIMATE_SIZES, "model.pt", 100_000)  # bound: 110,000 bytes
+    path = f"/clip/models/{'0' * 64}/model.pt"
+    server.files[path] = payload(size=3_000_000)
+    server.content_length = with_length
+    with pytest.raises(DownloadError, match="more than 110000 bytes, more than model.pt can have"):
+        _cache.download(server.url(path))
+    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]  # nothing past the bound kept to resume
+    assert len(gets(server, path)) == 1  # a bound is not retried
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_a_release_a_little_over_its_published_size_still_downloads(server, monkeypatch, with_length):
+    monkeypatch.setitem(_registry.APPROXIMATE_SIZES, "model.pt", 100_000)
+    data = payload(size=109_000)  # published sizes are rounded: a true file may be a few percent larger
+    url, _ = publish(server, data)
+    server.content_length = with_length
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
+
+
+def test_every_release_has_a_size_bound_above_its_published_size():
+    for name, url in _registry.MODELS.items():
+        file = _registry.file_name(url)
+        assert _cache._size_bound(file) >= _registry.APPROXIMATE_SIZES[file] * 1.05, name
+    assert _cache._size_bound("custom.pt") is None  # unknown size: the hash alone decides
+
+
+def test_a_dripping_server_hits_the_rate_deadline(server, sandbox, monkeypatch, bounded):
+    monkeypatch.setattr(_http, "RATE_GRACE", 0.5)
+    monkeypatch.setenv("CLIP_DOWNLOAD_MIN_RATE", "1000")
+    url, path = publish(server, payload())
+    server.add_fault(path, "drip", 1, seconds=0.01, times=None)  # about 100 bytes a second, never a read timeout
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="too slow: .* under the 1000 bytes a second that CLIP_DOWNLOAD_MIN_RATE"):
+        _cache.download(url)
+    assert time.monotonic() - started < 5
+    assert len(gets(server, path)) == 1
+
+
+def test_a_slow_steady_link_finishes(server, monkeypatch, bounded):
+    monkeypatch.setattr(_http, "RATE_GRACE", 0.2)
+    monkeypatch.setenv("CLIP_DOWNLOAD_MIN_RATE", "10000")
+    data = payload(size=20_000)
+    url, path = publish(server, data)
+    server.add_fault(path, "drip", 2000, seconds=0.05)  # 40 kB/s for half a second
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert len(gets(server, path)) == 1
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("CLIP_DOWNLOAD_TIMEOUT", "inf"), ("CLIP_DOWNLOAD_TIMEOUT", "nan"), ("CLIP_DOWNLOAD_TIMEOUT", "0"),
+    ("CLIP_DOWNLOAD_TIMEOUT", "1e300"), ("CLIP_DOWNLOAD_BACKOFF", "nan"), ("CLIP_DOWNLOAD_BACKOFF", "-1"),
+    ("CLIP_DOWNLOAD_BACKOFF", "inf"), ("CLIP_DOWNLOAD_RETRIES", "2.5"), ("CLIP_DOWNLOAD_RETRIES", "-1"),
+    ("CLIP_DOWNLOAD_MIN_RATE", "nan"), ("CLIP_DOWNLOAD_MIN_RATE", "-5"), ("CLIP_DOWNLOAD_BASE", "ftp://m/clip"),
+    ("CLIP_DOWNLOAD_BASE", "/srv/clip"), ("CLIP_OFFLINE", "maybe"), ("HF_HUB_OFFLINE", "2"),
+])
+def test_every_setting_is_checked_when_read(server, monkeypatch, variable, value):
+    url, _ = publish(server, payload())
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(DownloadError, match=re.escape(f"{variable}={value!r}")):
+        _cache.download(url)
+    assert server.requests == []
+
+
+def test_offline_switch_values(monkeypatch):
+    monkeypatch.setenv("CLIP_OFFLINE", "no")
+    assert _http.is_offline() is False
+    monkeypatch.setenv("CLIP_OFFLINE", "maybe")
+    with pytest.raises(_http.SettingError, match="CLIP_OFFLINE='maybe'"):
+        _http.is_offline()
+
+
+def test_default_cache_is_the_originals_whatever_xdg_says(server, monkeypatch, tmp_path):
+    monkeypatch.delenv("CLIP_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = payload()
+    url, _ = publish(server, data)
+    original = tmp_path / "home" / ".cache" / "clip"
+    original.mkdir(parents=True)
+    (original / "model.pt").write_bytes(data)  # as the original package left it: no record
+    assert _cache.download(url) == str(original / "model.pt")
+    assert server.requests == [] and not (tmp_path / "xdg").exists()
+
+
+def test_paths_work_wherever_strings_do(server, monkeypatch, tmp_path):
+    import clip.clip
+
+    data = payload()
+    url, _ = publish(server, data, "ViT-T-1.pt")
+    root = tmp_path / "as a path"
+    expected = str(root / "ViT-T-1.pt")
+    assert _cache.download(url, root) == expected
+    assert _cache.cached_path(url, root) == expected
+    assert [(check.path, check.ok) for check in _cache.verify_cache(root)] == [(expected, True)]
+    assert clip.clip._download(url, root) == expected
+    assert [check.ok for check in clip.clip.verify_cache(root)] == [True]
+    monkeypatch.setitem(clip.clip._MODELS, "ViT-T/1", url)
+    assert clip.clip._checkpoint_path("ViT-T/1", root) == expected
+    assert len(server.requests) == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+def test_write_atomically_replaces_a_link_syncs_and_never_leaves_half_a_file(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    out = tmp_path / "out.txt"
+    os.symlink(victim, out)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size) or real_fsync(fd))
+    _cache.write_atomically(out, lambda file: file.write(b"new"))
+    assert victim.read_bytes() == VICTIM and not out.is_symlink() and out.read_bytes() == b"new"
+    assert synced == [3]  # the bytes reach the disk before the name points at them
+
+    def fails(file):
+        file.write(b"half")
+        raise ValueError("the writer failed")
+
+    with pytest.raises(ValueError):
+        _cache.write_atomically(str(out), fails)
+    assert out.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["out.txt", "victim"]
+
+
+def test_the_layers_import_one_way_and_without_torch():
+    """_http knows nothing of the cache; _cache needs only _http and _registry; neither imports torch."""
+    code = ("import sys, types; package = types.ModuleType('clip'); package.__path__ = [sys.argv[1]]; "
+            "sys.modules['clip'] = package; import importlib; importlib.import_module(sys.argv[2]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('clip', 'torch')))")
+    for module, loaded in (("clip._http", ["clip", "clip._http", "clip._registry"]),
+                           ("clip._cache", ["clip", "clip._cache", "clip._http", "clip._registry"])):
+        done = subprocess.run([sys.executable, "-c", code, str(REPO / "clip"), module], capture_output=True,
+                              text=True, timeout=60, check=True)
+        assert done.stdout.strip() == str(loaded)
