@@ -40,7 +40,8 @@ LOCK_SUFFIX = ".lock"
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Opening flags that never follow a link and never block on a named pipe (absent flags are 0 where unsupported).
-_SAFE_OPEN = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_SAFE_OPEN = getattr(os, "O_NOFOLLOW", 0) | _NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 
@@ -171,8 +172,10 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
             if seen.ok:
                 return target
         if seen.identity is not None:
-            warnings.warn(f"{target} {_state(seen, expected)}; downloading it again (it is kept until a verified "
-                          "copy replaces it)", stacklevel=2)
+            found = (f"is {seen.kind}, not a plain file" if seen.kind is not None else
+                     f"does not match its expected SHA-256 (expected {expected}, got {seen.actual})")
+            warnings.warn(f"{target} {found}; downloading it again (it is kept until a verified copy replaces it)",
+                          stacklevel=2)
         try:
             _fetch(sources, target, expected, label, settings, opener)
         except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
@@ -347,10 +350,11 @@ def _open_file(path: str, flags: int) -> Optional[int]:
     except FileNotFoundError:
         return None
     status = os.fstat(descriptor)
-    if not stat.S_ISREG(status.st_mode) or ((flags & os.O_ACCMODE) != os.O_RDONLY and status.st_nlink != 1):
+    writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
+    if not stat.S_ISREG(status.st_mode) or (writes and status.st_nlink != 1):
         os.close(descriptor)
         raise _NotAFile(f"{path} is not a plain file of its own")
-    if hasattr(os, "set_blocking"):
+    if _NONBLOCK:
         os.set_blocking(descriptor, True)
     return descriptor
 
@@ -358,7 +362,7 @@ def _open_file(path: str, flags: int) -> Optional[int]:
 def _create(path: str) -> BinaryIO:
     """A new, empty file at ``path``, created exclusively: fails if anything (a link included) is there."""
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _SAFE_OPEN | _BINARY, 0o666)
-    if hasattr(os, "set_blocking"):
+    if _NONBLOCK:
         os.set_blocking(descriptor, True)
     return os.fdopen(descriptor, "r+b")
 
