@@ -1,29 +1,27 @@
-"""Reading checkpoint files into plain state dicts, without running TorchScript or arbitrary pickled code.
+"""The bottom layer of loading: one checkpoint file to a flat ``{key: tensor}`` dict, as stored, on the CPU.
 
-One entry point, :func:`read_state_dict`, serves both load paths. It recognises (``_formats`` adds safetensors
-files, Hugging Face and open_clip folders and key layouts)
-
-- release TorchScript archives: the module tree in ``data.pkl`` is unpickled by a restricted unpickler that can
-  only rebuild tensors (from the zip's ``data/<key>`` entries) and record attribute names; the TorchScript code
-  and constants are never read;
-- plain ``torch.save`` zip files, read by the same unpickler, or by ``torch.load(weights_only=True)`` when they
-  hold objects it does not know; legacy (non-zip) ``torch.save`` files with ``weights_only=True``;
-- wrapped checkpoints ``{"state_dict": ...}`` or ``{"model": ...}``, a DataParallel ``module.`` prefix and a
-  ``torch.compile`` ``_orig_mod.`` prefix.
+:func:`read_file` picks the reader by the file's first bytes: safetensors, a zip checkpoint (a release TorchScript
+archive or a ``torch.save`` file, read by a restricted unpickler that can only describe tensors), or
+``torch.load(weights_only=True)`` for the rest. Every size, stride and offset a file claims is checked against the
+bytes it really holds before anything is mapped or inflated, so a small hostile file costs little time and memory.
+Key layouts (Hugging Face, open_clip) and folders are ``_layouts``' job; see the README for the formats.
 """
+import errno
+import io
 import mmap
 import os
 import pickle
 import re
+import reprlib
+import stat
 import struct
 import zipfile
-from typing import Any, BinaryIO, Dict, List, Optional
+import zlib
+from typing import Any, BinaryIO, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from . import _formats
-
-__all__ = ["CheckpointError", "read_state_dict", "is_torchscript_archive"]
+__all__ = ["CheckpointError", "format_keys", "is_safetensors", "is_torchscript_archive", "read_file"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -40,49 +38,242 @@ _STORAGE_DTYPES = {
     "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
+_DTYPES = frozenset(_STORAGE_DTYPES.values())
 
 # A zip local file header is 30 bytes; its name and extra-field lengths are the two uint16 at offset 26.
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
+# Deflate cannot expand data more than 1032-fold (a 258-byte match coded in 2 bits): an entry that claims more is
+# lying, and is refused before anything is allocated for it.
+_MAX_DEFLATE_RATIO = 1032
+# Compressed entries are inflated in pieces of this size, so memory grows only with the bytes really inflated.
+_INFLATE_CHUNK = 16 << 20
+# A module tree deeper than this is not a model: the deepest CLIP key (visual.transformer.resblocks.0.attn.
+# in_proj_weight) is 5 modules deep. The bound keeps keys short and the walk cheap on hostile trees.
+_MAX_MODULE_DEPTH = 64
+
+# A safetensors file starts with the byte length of its JSON header as a little-endian uint64, then the header.
+_SAFETENSORS_HEADER_LENGTH = struct.Struct("<Q")
+# safetensors refuses headers over 100 MB; a longer claimed length means the file is something else.
+_SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 class CheckpointError(RuntimeError, ValueError):
     """A file that cannot be read as a CLIP checkpoint; the message names the file and what was expected."""
 
 
-def read_state_dict(path: str) -> StateDict:
-    """Read a checkpoint file or folder into a flat ``{key: tensor}`` dict on the CPU, in the release layout.
+def format_keys(keys: Iterable[Any], limit: int = 20) -> str:
+    """``"a, b, c ..."``: the first ``limit`` keys for a message (``"none"`` when there are none).
 
-    Tensors of zip files are views of private memory maps of the file, one per entry, unmapped when the tensor is
-    freed: callers that keep them copy them (``build_model`` does), and a loader that converts them one at a time
-    and drops each never holds the whole file in memory.
+    Keys that are not strings (from a damaged file) are shown by a depth- and length-bounded ``repr``.
+    """
+    keys = list(keys)
+    shown = ", ".join(k if isinstance(k, str) else reprlib.repr(k) for k in keys[:limit])
+    return (shown or "none") + (" ..." if len(keys) > limit else "")
+
+
+def no_checkpoint_error(path: str) -> FileNotFoundError:
+    """The error for a checkpoint path where nothing is."""
+    return FileNotFoundError(f"no checkpoint at {path}; expected a checkpoint file or folder, or a release name "
+                             f"from clip.available_models()")
+
+
+def check_regular_file(path: str) -> int:
+    """The size of ``path``, after checking that it is a non-empty regular file (never opening anything else).
+
+    Raises
+    ------
+    FileNotFoundError
+        When nothing is at ``path``.
+    IsADirectoryError
+        When ``path`` is a directory.
+    CheckpointError
+        When ``path`` is a symbolic-link loop, a FIFO, a device or socket, or empty.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise no_checkpoint_error(path) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path} is a loop of symbolic links; point it at the checkpoint file") from e
+        raise
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(f"{path} is a directory; expected a checkpoint file")
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path} is not a regular file but {_file_kind(info.st_mode)}; expected a checkpoint "
+                              f"file")
+    if info.st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), probably from an interrupted download or copy; "
+                              f"delete it and fetch it again")
+    return info.st_size
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
+
+
+def read_file(path: str) -> StateDict:
+    """Read one checkpoint file into a flat ``{key: tensor}`` dict on the CPU, keys as stored.
+
+    Wrapped checkpoints (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and DataParallel ``module.`` and
+    ``torch.compile`` ``_orig_mod.`` prefixes removed. Tensors of stored zip entries are views of private memory
+    maps of the file, one per entry, unmapped when the tensor is freed: callers that keep them copy them.
 
     Raises
     ------
     FileNotFoundError, IsADirectoryError
         When ``path`` does not name a file.
+    ImportError
+        For a safetensors file when the ``safetensors`` package is missing.
     CheckpointError
-        When the file is empty, truncated, not a checkpoint, wants to run code, or holds no tensors.
+        When the file is empty, truncated, damaged, not a checkpoint, wants to run code, or holds no tensors.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return _formats.read_folder(path)
-    _check_is_file(path)
-    if _formats.is_safetensors(path):
-        state_dict = _formats.read_safetensors(path)
+    size = check_regular_file(path)
+    with open(path, "rb") as f:
+        head = f.read(_SAFETENSORS_HEADER_LENGTH.size + 1)
+    header_length = _safetensors_header_length(head)
+    if header_length is not None:
+        if header_length > size - _SAFETENSORS_HEADER_LENGTH.size:
+            raise CheckpointError(
+                f"{path} is a truncated safetensors file: its header alone claims {header_length:,} bytes and the "
+                f"file has {size:,}; delete it and fetch it again")
+        tensors = _unwrap(read_safetensors(path), path)
     elif zipfile.is_zipfile(path):
-        state_dict = _read_zip(path)
+        tensors = _read_zip(path, size)
     else:
-        state_dict = _torch_load(path, mmap=False)
-    return _formats.to_openai_layout(_unwrap(state_dict, path), path)
+        tensors = _unwrap(_torch_load(path, mmap=False, hint=_TRUNCATION_HINT), path)
+    _check_tensors(tensors, path)
+    return tensors
 
 
-def _check_is_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; expected a file path or a release name from "
-                                f"clip.available_models()")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes), probably from an interrupted download or copy; "
-                              f"delete it and fetch it again")
+# --------------------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def _safetensors_header_length(head: bytes) -> Optional[int]:
+    """The header length a file's first bytes claim, when they start like a safetensors file; else None."""
+    if len(head) < _SAFETENSORS_HEADER_LENGTH.size + 1 or head[-1:] != b"{":
+        return None
+    (length,) = _SAFETENSORS_HEADER_LENGTH.unpack(head[:_SAFETENSORS_HEADER_LENGTH.size])
+    # "{}" is the shortest header; a zip or pickle file's first 8 bytes read as an absurd length.
+    return length if 2 <= length <= _SAFETENSORS_MAX_HEADER else None
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` is a safetensors file whose header fits in it, judged by its first bytes alone."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            length = _safetensors_header_length(f.read(_SAFETENSORS_HEADER_LENGTH.size + 1))
+    except OSError:
+        return False
+    return length is not None and length <= size - _SAFETENSORS_HEADER_LENGTH.size
+
+
+def read_safetensors(path: str) -> StateDict:
+    """Every tensor of a safetensors file, on the CPU, as stored (the package checks offsets against the file).
+
+    Raises
+    ------
+    ImportError
+        When the optional ``safetensors`` package is not installed.
+    CheckpointError
+        When the file is damaged or truncated.
+    """
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError(f"{path} is a safetensors file, and reading it needs the safetensors package: "
+                          f"pip install safetensors (or pip install 'clip-dropin[safetensors]')") from e
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # what the package raises for a bad file
+        size = os.path.getsize(path)
+        raise CheckpointError(f"{path} ({size:,} bytes) is not a readable safetensors file "
+                              f"({type(e).__name__}: {e}). If it was downloaded or copied, it may be truncated: "
+                              f"delete it and fetch it again") from e
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.load and the unwrapping of what it returns
+
+
+_TRUNCATION_HINT = "If it was downloaded, it may be truncated: delete it and fetch it again"
+
+
+def _torch_load(path: str, *, mmap: bool, hint: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses a file that names a Python global (a class or function) it does not allow.
+        refused = re.search(r"GLOBAL:? ?([\w.]+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path} holds pickled objects other than tensors ({refused.group(1)}), and loading them could run "
+                f"arbitrary code; refusing it. Save the weights alone with torch.save(model.state_dict(), path)"
+            ) from e
+        raise _not_a_checkpoint(path, e, hint) from e
+    except Exception as e:  # torch's parser meets arbitrary bytes: whatever it raises means "not a checkpoint"
+        raise _not_a_checkpoint(path, e, hint) from e
+
+
+def _not_a_checkpoint(path: str, cause: BaseException, hint: str) -> CheckpointError:
+    size = os.path.getsize(path)
+    return CheckpointError(
+        f"{path} ({size:,} bytes) is not a readable CLIP checkpoint ({type(cause).__name__}: {cause}); expected a "
+        f"release TorchScript archive, a torch.save state dict or a .safetensors file. {hint}")
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, _TensorRef))
+
+
+def _unwrap(obj: Any, path: str) -> Dict[str, Any]:
+    """The state dict inside a checkpoint: unwrap ``state_dict``/``model`` entries and a ``module.`` prefix."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj:
+        kind = "tensor" if _is_tensor(obj) else type(obj).__name__
+        raise CheckpointError(f"{path} holds a {kind}, not a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if _is_tensor(v)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds a dict without tensors (keys: {format_keys(obj, 10)}); expected a "
+                              f"state dict")
+    bad_keys = [k for k in tensors if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"{path} holds tensors under keys that are not strings ({format_keys(bad_keys, 5)}); "
+                              f"expected a state dict")
+    # DataParallel saves "module.", torch.compile "_orig_mod.", and a compiled DataParallel model both.
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _check_tensors(tensors: StateDict, path: str) -> None:
+    """Refuse tensors that no weight file holds: not dense, not on the CPU, of an odd dtype, or claiming more
+    elements than their storage has (a zero-stride view that would be materialised at its claimed size)."""
+    for key, tensor in tensors.items():
+        problem = None
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type != "cpu":
+            problem = f"a {tensor.layout} {tensor.device.type} tensor"
+        elif tensor.dtype not in _DTYPES:
+            problem = f"of dtype {tensor.dtype}"
+        elif tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            problem = (f"a view of {tuple(tensor.shape)} ({tensor.numel():,} elements) over a storage of "
+                       f"{tensor.untyped_storage().nbytes():,} bytes")
+        if problem:
+            raise CheckpointError(f"{path}: the tensor {key} is {problem}; expected dense CPU weights. The file is "
+                                  f"damaged or was not written by torch.save or safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# zip checkpoints: release TorchScript archives and torch.save files
 
 
 def is_torchscript_archive(path: str) -> bool:
@@ -100,47 +291,37 @@ def _is_scripted(names: List[str]) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
-def _torch_load(path: str, *, mmap: bool) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses a file that names a Python global (a class or function) it does not allow.
-        refused = re.search(r"GLOBAL:? ?([\w.]+)", str(e))
-        if refused:
-            raise CheckpointError(
-                f"{path} holds pickled objects other than tensors ({refused.group(1)}), and loading them could run "
-                f"arbitrary code; refusing it. Save the weights alone with torch.save(model.state_dict(), path)"
-            ) from e
-        raise _not_a_checkpoint(path) from e
-    except Exception as e:  # unpickling arbitrary bytes can fail in many ways; each means "not a checkpoint"
-        raise _not_a_checkpoint(path, e) from e
+class _Unsupported(pickle.UnpicklingError):
+    """data.pkl holds something this unpickler does not rebuild; ``torch.load`` may read a plain file."""
 
 
-def _not_a_checkpoint(path: str, cause: Optional[BaseException] = None) -> CheckpointError:
-    size = os.path.getsize(path)
-    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-    return CheckpointError(
-        f"{path} ({size:,} bytes) is not a readable CLIP checkpoint{why}; expected a release TorchScript archive, "
-        f"a torch.save state dict or a .safetensors file. If it was downloaded, it may be truncated: delete it and "
-        f"fetch it again")
+class _Malformed(pickle.UnpicklingError):
+    """data.pkl describes tensors that cannot be: the file is damaged or hand-made."""
 
 
-def _unwrap(obj: Any, path: str) -> StateDict:
-    """The state dict inside a checkpoint: unwrap ``state_dict``/``model`` entries and a ``module.`` prefix."""
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path} holds a dict without tensors (keys: {', '.join(map(str, list(obj)[:10]))}); "
-                              f"expected a state dict")
-    # DataParallel saves "module.", torch.compile "_orig_mod.", and a compiled DataParallel model both.
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
+class _Refuses:
+    """Objects the pickle may only build: a BUILD opcode (``__setstate__``) on them means a malformed file."""
+
+    what = "storage"
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Malformed(f"a BUILD opcode on a {self.what}")
+
+
+class _StorageRef(_Refuses):
+    """A storage named in a persistent id: the zip entry ``data/<key>`` of ``numel`` elements of ``dtype``."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef(_Refuses):
+    """A tensor as data.pkl describes it, checked against its storage; materialised only once all are read."""
+
+    what = "tensor"
+
+    def __init__(self, storage: _StorageRef, offset: int, size: Tuple[int, ...], stride: Tuple[int, ...]) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
 class _ArchivedObject:
@@ -167,8 +348,28 @@ class _Storage:
         self.dtype = dtype
 
 
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_unused: Any) -> torch.Tensor:
-    return storage.as_strided(size, stride, offset)
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool is an int subclass, and no size or stride
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_unused: Any) -> _TensorRef:
+    """``torch._utils._rebuild_tensor_v2``, checked: the view must lie inside its storage and not repeat it."""
+    if not isinstance(storage, _StorageRef):
+        raise _Malformed(f"a tensor over a {type(storage).__name__}, not over a storage")
+    if not (_is_int(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) and all(map(_is_int, size + stride))):
+        raise _Malformed(f"a tensor of storage {storage.key} with an offset, size or stride that is not integers")
+    if offset < 0 or min(size + stride, default=0) < 0:
+        raise _Malformed(f"a tensor of storage {storage.key} with a negative offset, size or stride")
+    numel = 1
+    for n in size:
+        numel *= n
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else offset - 1
+    if last >= storage.numel or numel > storage.numel:
+        raise _Malformed(f"a tensor of size {size} and stride {stride} at offset {offset} over storage "
+                         f"{storage.key} of {storage.numel:,} elements: it "
+                         f"{'reaches past' if last >= storage.numel else 'repeats elements of'} its storage")
+    return _TensorRef(storage, offset, size, stride)
 
 
 def _identity(value: Any, *_unused: Any) -> Any:
@@ -176,12 +377,15 @@ def _identity(value: Any, *_unused: Any) -> Any:
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
-    """Unpickles a zip checkpoint's ``data.pkl`` allowing nothing but tensors, storages, dicts and module stand-ins."""
+    """Unpickles a zip checkpoint's ``data.pkl`` allowing nothing but tensors, storages, dicts and module stand-ins.
 
-    def __init__(self, file: BinaryIO, load_storage) -> None:
+    Tensors come out as :class:`_TensorRef` descriptions, checked against their storages; nothing is read from
+    the storage entries here.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
         super().__init__(file)
-        self._load_storage = load_storage
-        self._storages: Dict[str, torch.Tensor] = {}
+        self.storages: Dict[str, _StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith("__torch__"):
@@ -196,18 +400,53 @@ class _ArchiveUnpickler(pickle.Unpickler):
             return _identity  # a saved nn.Parameter: its data is the tensor
         if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
             return _identity  # typed list and dict wrappers: the plain value is all we need
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a checkpoint archive may only hold tensors")
+        raise _Unsupported(f"refusing to load {module}.{name}: a checkpoint archive may only hold tensors")
 
-    def persistent_load(self, pid: Any) -> torch.Tensor:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)
+                and isinstance(pid[2], str) and _is_int(pid[4]) and pid[4] >= 0):
+            raise _Unsupported(f"unexpected persistent id (a {type(pid).__name__})")
         _, storage_type, key, _location, numel = pid
-        if key not in self._storages:
-            self._storages[key] = self._load_storage(str(key), storage_type.dtype, int(numel))
-        return self._storages[key]
+        known = self.storages.setdefault(key, _StorageRef(key, storage_type.dtype, numel))
+        if (known.dtype, known.numel) != (storage_type.dtype, numel):
+            raise _Malformed(f"storage {key} named twice with different dtypes or sizes")
+        return known
 
 
-def _read_zip(path: str) -> Any:
+def _unpickle(data: bytes) -> Tuple[Any, Dict[str, _StorageRef]]:
+    """The object tree of a data.pkl and the storages it names; a malformed pickle raises UnpicklingError."""
+    unpickler = _ArchiveUnpickler(io.BytesIO(data))
+    try:
+        return unpickler.load(), unpickler.storages
+    except (EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        # The pickle machine raises these itself on malformed opcodes (then no Python frame lies below this one).
+        # Raised inside our own find_class, persistent_load or rebuild functions, they are our bugs: let them be.
+        if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
+            raise
+        raise _Malformed(f"{type(e).__name__}: {e}") from e
+
+
+def _check_entries(archive: zipfile.ZipFile, size: int, path: str) -> None:
+    """Refuse entries that cannot be read, or that claim more bytes than the archive can hold or inflate to."""
+    for info in archive.infolist():
+        problem = None
+        if info.flag_bits & 0x1:
+            problem = "is encrypted"
+        elif info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            problem = f"uses compression method {info.compress_type}, where checkpoints are stored or deflated"
+        elif info.header_offset + info.compress_size > size:
+            problem = f"claims {info.compress_size:,} bytes at offset {info.header_offset:,}, past the file's end"
+        elif info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            problem = f"is stored, yet claims {info.file_size:,} bytes from {info.compress_size:,}"
+        elif info.file_size > _MAX_DEFLATE_RATIO * info.compress_size:
+            problem = (f"claims {info.file_size:,} bytes inflated from {info.compress_size:,}, more than deflate "
+                       f"can produce")
+        if problem:
+            raise CheckpointError(f"{path}: the zip entry {info.filename!r:.200} {problem}; the file is damaged or "
+                                  f"hand-made")
+
+
+def _read_zip(path: str, size: int) -> StateDict:
     """A zip checkpoint's contents, each tensor mapped from the file, without running TorchScript or pickled code.
 
     TorchScript archives and ``torch.save`` files share a layout: ``<top>/data.pkl`` pickles an object tree whose
@@ -217,62 +456,90 @@ def _read_zip(path: str) -> Any:
     ``weights_only=True``, which decides what is safe; so does one written on a big-endian machine.
     """
     try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-            names = archive.namelist()
-            scripted = _is_scripted(names)
-            try:
-                root = _unpickle_zip(path, archive, raw, names, little_endian_only=not scripted)
-            except pickle.UnpicklingError as e:
-                if scripted:
-                    raise CheckpointError(f"{path}: {e}; refusing it") from e
-                return _torch_load(path, mmap=True)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, KeyError, struct.error, TypeError, ValueError, AttributeError,
-            IndexError) as e:  # a damaged or hand-made data.pkl feeding our builders something else
-        raise _not_a_checkpoint(path, e) from e
-    if not scripted:
-        return root
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError) as e:  # a central directory that does not parse
+        raise CheckpointError(f"{path} is a damaged zip file ({e}). {_TRUNCATION_HINT}") from e
+    with archive, open(path, "rb") as raw:
+        _check_entries(archive, size, path)
+        names = archive.namelist()
+        scripted = _is_scripted(names)
+        data_pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
+        if data_pkl is None:
+            raise CheckpointError(f"{path} is a zip file without data.pkl; expected a checkpoint")
+        top = data_pkl.rsplit("/", 1)[0]
+        try:
+            if not scripted and _read_member(archive, f"{top}/byteorder", path, default=b"little") != b"little":
+                raise _Unsupported("tensors stored big-endian")
+            root, storages = _unpickle(_read_member(archive, data_pkl, path))
+        except _Unsupported as e:
+            if scripted:
+                raise CheckpointError(f"{path}: {e}; refusing it") from e
+            return _unwrap(_torch_load(path, mmap=True, hint=""), path)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: its {data_pkl} is malformed ({e}); the file is damaged or hand-made, "
+                                  f"not written by torch.save or torch.jit.save") from e
+        refs = _unwrap(_archive_tensors(root, path) if scripted else root, path)
+        # Every description was checked against its storage while unpickling; now read each storage once.
+        used = {ref.storage.key for ref in refs.values()}
+        tensors = {key: _read_entry(archive, raw, f"{top}/data/{key}", ref.dtype, ref.numel, path)
+                   for key, ref in storages.items() if key in used}
+        return {key: tensors[ref.storage.key].as_strided(ref.size, ref.stride, ref.offset)
+                for key, ref in refs.items()}
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, path: str, default: Optional[bytes] = None) -> bytes:
+    """The bytes of a small entry (data.pkl, byteorder); its size was bounded by ``_check_entries``."""
+    if default is not None and name not in archive.NameToInfo:
+        return default
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad header, CRC or deflate stream
+        raise CheckpointError(f"{path}: the zip entry {name} is damaged ({e}). {_TRUNCATION_HINT}") from e
+
+
+def _archive_tensors(root: Any, path: str) -> Dict[str, Any]:
+    """Walk an archive's module tree, joining attribute names with dots: the paths are the state-dict keys.
+
+    The walk is iterative and visits each module once: a module reached twice (a cycle, or a shared module that
+    would multiply the keys) or a tree deeper than ``_MAX_MODULE_DEPTH`` is refused.
+    """
     if not isinstance(root, _ArchivedObject):
         raise CheckpointError(f"{path} is a TorchScript archive, but its data.pkl holds no module")
-    state_dict: StateDict = {}
-    _collect_tensors(root, "", state_dict)
-    return state_dict
-
-
-def _unpickle_zip(path: str, archive: zipfile.ZipFile, raw: BinaryIO, names: List[str], *,
-                  little_endian_only: bool) -> Any:
-    data_pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
-    if data_pkl is None:
-        raise CheckpointError(f"{path} is a zip file without data.pkl; expected a checkpoint")
-    top = data_pkl.rsplit("/", 1)[0]
-    if little_endian_only and f"{top}/byteorder" in names and archive.read(f"{top}/byteorder") != b"little":
-        raise pickle.UnpicklingError("tensors stored big-endian")
-
-    def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        return _read_entry(archive, raw, f"{top}/data/{key}", dtype, numel, path)
-
-    with archive.open(data_pkl) as f:
-        return _ArchiveUnpickler(f, load_storage).load()
-
-
-def _collect_tensors(obj: _ArchivedObject, prefix: str, out: StateDict) -> None:
-    """Walk the module tree, joining attribute names with dots: the paths are the state-dict keys."""
-    for name, value in obj.attributes.items():
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value
-        elif isinstance(value, _ArchivedObject):
-            _collect_tensors(value, f"{prefix}{name}.", out)
+    out: Dict[str, Any] = {}
+    seen = {id(root)}
+    stack = [(root, "", 0)]
+    while stack:
+        obj, prefix, depth = stack.pop()
+        for name, value in obj.attributes.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{path}: a module of its data.pkl has an attribute named by a "
+                                      f"{type(name).__name__}; the file is damaged or hand-made")
+            if _is_tensor(value):
+                out[prefix + name] = value
+            elif isinstance(value, _ArchivedObject):
+                if id(value) in seen:
+                    raise CheckpointError(f"{path}: the module {prefix}{name} of its data.pkl is reached twice (a "
+                                          f"cycle or a shared module); a checkpoint's modules form a tree")
+                if depth + 1 >= _MAX_MODULE_DEPTH:
+                    raise CheckpointError(f"{path}: the module tree of its data.pkl is more than "
+                                          f"{_MAX_MODULE_DEPTH} levels deep; it is not a model")
+                seen.add(id(value))
+                stack.append((value, f"{prefix}{name}.", depth + 1))
+    return out
 
 
 def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch.dtype, numel: int,
                 path: str) -> torch.Tensor:
     """One storage entry as a CPU tensor of ``numel`` elements, mapped from the file where it is stored as is."""
+    if name not in archive.NameToInfo:
+        raise CheckpointError(f"{path}: data.pkl names the storage entry {name}, which the zip lacks; the file is "
+                              f"damaged")
     info = archive.getinfo(name)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = numel * itemsize
-    if info.file_size != nbytes:
-        raise CheckpointError(f"{path}: entry {name} has {info.file_size} bytes, expected {nbytes}; it is damaged")
+    if info.file_size != nbytes:  # file_size itself was bounded by the archive's size in _check_entries
+        raise CheckpointError(f"{path}: entry {name} has {info.file_size:,} bytes, expected {nbytes:,}; it is "
+                              f"damaged")
     if nbytes == 0:
         return torch.empty(0, dtype=dtype)
     if info.compress_type == zipfile.ZIP_STORED:  # torch stores tensors uncompressed, 64-byte aligned
@@ -283,17 +550,30 @@ def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch
         offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
         available = os.fstat(raw.fileno()).st_size - offset
         if available < nbytes:
-            raise CheckpointError(f"{path} is truncated: entry {name} has {max(available, 0)} of {nbytes} bytes; "
-                                  f"delete the file and fetch it again")
+            raise CheckpointError(f"{path} is truncated: entry {name} has {max(available, 0):,} of {nbytes:,} "
+                                  f"bytes; delete the file and fetch it again")
         if offset % itemsize == 0:  # an unaligned entry (a hand-made zip) is read into aligned memory below
             return _map_entry(raw, offset, numel, dtype)
-    buffer = bytearray(nbytes)
-    with archive.open(info) as f:
-        received = f.readinto(buffer)
-    if received != nbytes:
-        raise CheckpointError(f"{path} is truncated: entry {name} has {received} of {nbytes} bytes; "
-                              f"delete the file and fetch it again")
+    buffer = _inflate(archive, info, nbytes, path)
     return torch.frombuffer(buffer, dtype=dtype)
+
+
+def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, nbytes: int, path: str) -> bytearray:
+    """An entry's ``nbytes`` bytes, read in pieces: memory grows with what really arrives, not what is claimed."""
+    buffer = bytearray()
+    try:
+        with archive.open(info) as f:
+            while len(buffer) < nbytes:
+                piece = f.read(min(_INFLATE_CHUNK, nbytes - len(buffer)))
+                if not piece:
+                    break
+                buffer += piece
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad header, CRC or deflate stream
+        raise CheckpointError(f"{path}: the zip entry {info.filename} is damaged ({e}). {_TRUNCATION_HINT}") from e
+    if len(buffer) != nbytes:
+        raise CheckpointError(f"{path} is truncated: entry {info.filename} has {len(buffer):,} of {nbytes:,} bytes; "
+                              f"delete the file and fetch it again")
+    return buffer
 
 
 def _map_entry(raw: BinaryIO, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 from . import _cache, _registry
-from ._checkpoint import CheckpointError, read_state_dict
+from ._checkpoint import CheckpointError
+from ._layouts import read_state_dict
 from .model import CLIP, model_from_state_dict
 from . import simple_tokenizer as _simple_tokenizer
 from .simple_tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401  (the original's alias; clients import it)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ._checkpoint import format_keys
+
 __all__ = [
     "AttentionPool2d",
     "Bottleneck",
@@ -489,17 +491,51 @@ class ModelDims:
     transformer_layers: int
 
 
+class StateDictError(KeyError, RuntimeError, ValueError):
+    """A state dict that is not one of a CLIP model; the message lists the keys or shapes that do not fit.
+
+    It is a ``KeyError`` and a ``RuntimeError``, the errors the original ``build_model`` raised for a missing key and
+    for keys or shapes ``load_state_dict`` refused, so code written against the original catches it, and a
+    ``ValueError``, the error of a bad argument.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError's own __str__ would quote the message
+
+
 def _layer_indices(state_dict: Mapping[str, torch.Tensor], prefix: str) -> set:
     """The distinct integer indices that follow ``prefix`` in the keys (``prefix`` ends with a dot)."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return {int(m.group(1)) for m in map(pattern.match, state_dict) if m}
 
 
-def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str, dims: int) -> Tuple[int, ...]:
+    """The shape of ``state_dict[key]``, which must have ``dims`` dimensions, none of them empty."""
     try:
-        return tuple(state_dict[key].shape)
+        shape = tuple(state_dict[key].shape)
     except KeyError:
-        raise ValueError(f"not a CLIP state dict: the key {key!r} is missing") from None
+        raise StateDictError(f"not a CLIP state dict: the key {key!r} is missing") from None
+    if len(shape) != dims or 0 in shape:
+        raise StateDictError(f"{key} has shape {shape}; a CLIP model's has {dims} non-empty dimensions")
+    return shape
+
+
+def _grid(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
+    """The side of the square grid of positions that ``key`` embeds: its rows are grid ** 2 + 1 (one class or mean
+    token before the grid)."""
+    positions = _shape(state_dict, key, 2)[0]
+    grid = math.isqrt(positions - 1)
+    if grid == 0 or grid * grid + 1 != positions:
+        raise StateDictError(f"{key} has {positions} rows; expected grid ** 2 + 1 for a square grid")
+    return grid
+
+
+def _multiple_of_head_width(width: int, key: str) -> int:
+    # CLIP's transformers use 64-dimensional attention heads: width // 64 heads, at least one, dividing the width.
+    if width % 64:
+        raise StateDictError(f"{key} gives the width {width}, which is not a multiple of 64 (CLIP's transformers "
+                             f"use 64-dimensional attention heads)")
+    return width
 
 
 def infer_dims(state_dict: Mapping[str, torch.Tensor]) -> ModelDims:
@@ -507,39 +543,36 @@ def infer_dims(state_dict: Mapping[str, torch.Tensor]) -> ModelDims:
 
     Raises
     ------
-    ValueError
+    StateDictError
         When a key the architecture is read from is missing or the shapes do not fit together.
     """
     if "visual.proj" in state_dict:
-        vision_width, _, vision_patch_size, _ = _shape(state_dict, "visual.conv1.weight")
+        vision_width, _, vision_patch_size, _ = _shape(state_dict, "visual.conv1.weight", 4)
+        _multiple_of_head_width(vision_width, "visual.conv1.weight")
         vision_layers = sum(1 for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight"))
-        positions = _shape(state_dict, "visual.positional_embedding")[0]
-        grid = round((positions - 1) ** 0.5)  # positions = grid ** 2 patches + 1 class token
-        if grid * grid + 1 != positions:
-            raise ValueError(f"visual.positional_embedding has {positions} rows; expected grid ** 2 + 1")
-        image_resolution = vision_patch_size * grid
+        image_resolution = vision_patch_size * _grid(state_dict, "visual.positional_embedding")
     else:
         stages = [_layer_indices(state_dict, f"visual.layer{i}.") for i in (1, 2, 3, 4)]
         if not all(stages):
-            raise ValueError("not a CLIP state dict: neither 'visual.proj' (ViT) nor visual.layer1-4 (ResNet) found")
+            raise StateDictError("not a CLIP state dict: neither 'visual.proj' (ViT) nor visual.layer1-4 (ResNet) "
+                                 "found")
         vision_layers = tuple(len(s) for s in stages)
-        vision_width = _shape(state_dict, "visual.layer1.0.conv1.weight")[0]
-        positions = _shape(state_dict, "visual.attnpool.positional_embedding")[0]
-        grid = round((positions - 1) ** 0.5)  # positions = grid ** 2 + 1 mean token
-        if grid * grid + 1 != positions:
-            raise ValueError(f"visual.attnpool.positional_embedding has {positions} rows; expected grid ** 2 + 1")
+        vision_width = _shape(state_dict, "visual.layer1.0.conv1.weight", 4)[0]
+        if vision_width % 2:  # the stem halves the width, and the attention pool has width * 32 / 64 heads
+            raise StateDictError(f"visual.layer1.0.conv1.weight gives the odd ResNet width {vision_width}; "
+                                 f"expected an even width")
         vision_patch_size = None
-        image_resolution = grid * 32  # the ResNet downsamples by 32 before attention pooling
+        image_resolution = _grid(state_dict, "visual.attnpool.positional_embedding") * 32  # downsampled 32x
 
-    transformer_width = _shape(state_dict, "ln_final.weight")[0]
+    transformer_width = _multiple_of_head_width(_shape(state_dict, "ln_final.weight", 1)[0], "ln_final.weight")
     return ModelDims(
-        embed_dim=_shape(state_dict, "text_projection")[1],
+        embed_dim=_shape(state_dict, "text_projection", 2)[1],
         image_resolution=image_resolution,
         vision_layers=vision_layers,
         vision_width=vision_width,
         vision_patch_size=vision_patch_size,
-        context_length=_shape(state_dict, "positional_embedding")[0],
-        vocab_size=_shape(state_dict, "token_embedding.weight")[0],
+        context_length=_shape(state_dict, "positional_embedding", 2)[0],
+        vocab_size=_shape(state_dict, "token_embedding.weight", 2)[0],
         transformer_width=transformer_width,
         transformer_heads=transformer_width // 64,  # 64-dimensional heads
         transformer_layers=len(_layer_indices(state_dict, "transformer.resblocks.")),
@@ -566,9 +599,8 @@ def _describe_foreign_keys(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Name the required keys a dict lacks and the keys no CLIP model has."""
     missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
     unexpected = [k for k in state_dict if not k.startswith(_CLIP_PREFIXES)]
-    return (f"missing keys ({len(missing)}): {', '.join(missing) or 'none'}; "
-            f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20]) or 'none'}"
-            + (" ..." if len(unexpected) > 20 else ""))
+    return (f"missing keys ({len(missing)}): {format_keys(missing)}; "
+            f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
 
 
 def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> None:
@@ -579,32 +611,34 @@ def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.
         return
     lines = ["the state dict does not fit a CLIP model"]
     if missing:
-        lines.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        lines.append(f"missing keys ({len(missing)}): {format_keys(missing)}")
     if unexpected:
-        lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                     + (" ..." if len(unexpected) > 20 else ""))
+        lines.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
     for k in wrong_shape[:20]:
         lines.append(f"shape of {k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}")
-    raise ValueError("; ".join(lines))
+    raise StateDictError("; ".join(lines))
 
 
 def model_from_state_dict(state_dict: Dict[str, torch.Tensor], *, device: Union[str, torch.device, None] = None,
                           half: bool = True, consume: bool = False) -> CLIP:
     """Build a CLIP whose parameters are the given tensors, converted once to their final device and dtype.
 
-    ``device`` defaults to where each tensor already is (the CPU for a file; ``meta`` for a shape-only dict).
+    ``device`` defaults to the CPU, as the original's ``build_model``; a dict of ``meta`` tensors (shapes only)
+    gives a ``meta`` model, which checks an architecture without memory.
 
     ``half`` selects the release dtypes (the ``convert_weights`` set in float16, the rest float32); otherwise every
     floating tensor is float32. With ``consume``, tensors are popped from ``state_dict`` as they are converted, so a
     loader that owns the dict never holds the file's copy and the converted copy of every tensor at once.
+
+    Every shape is checked against the architecture the shapes give before any tensor is converted.
     """
     source = state_dict if consume else dict(state_dict)
     for key in ARCHIVE_SCALAR_KEYS:
         source.pop(key, None)
     try:
         dims = infer_dims(source)
-    except ValueError as e:
-        raise ValueError(f"{e}; {_describe_foreign_keys(source)}") from None
+    except StateDictError as e:
+        raise StateDictError(f"{e}; {_describe_foreign_keys(source)}") from None
     model = _empty_model(dims, half=half)
     targets = model.state_dict()
     _check_keys(targets, source)
@@ -613,9 +647,10 @@ def model_from_state_dict(state_dict: Dict[str, torch.Tensor], *, device: Union[
     for key, target in targets.items():
         tensor = source.pop(key)
         dtype = target.dtype if (half or not target.dtype.is_floating_point) else torch.float32
+        to = device or ("meta" if tensor.is_meta else "cpu")
         # copy=True: the result owns its memory even when the input is a memory-mapped view of a file that may be
         # rewritten later; a float16 -> float32 conversion copies anyway.
-        weights[key] = tensor.to(device=device or tensor.device, dtype=dtype, copy=True)
+        weights[key] = tensor.to(device=to, dtype=dtype, copy=True)
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval()
 
@@ -625,8 +660,8 @@ def build_model(state_dict: dict) -> CLIP:
 
     The architecture is inferred from the tensor shapes, so the nine release models and any consistent smaller or
     larger variant work. The caller's dict is not modified. The model is built without a random initialisation:
-    its parameters are copies of the given tensors, on their device (the CPU for a loaded file; a dict of
-    ``meta`` tensors gives a ``meta`` model, which checks an architecture without memory).
+    its parameters are copies of the given tensors, on the CPU as the original's are, wherever the tensors are (a
+    dict of ``meta`` tensors gives a ``meta`` model, which checks an architecture without memory).
 
     Parameters
     ----------
@@ -642,7 +677,9 @@ def build_model(state_dict: dict) -> CLIP:
 
     Raises
     ------
-    ValueError
-        When the dict is not a CLIP state dict; the message lists the missing and unexpected keys.
+    StateDictError
+        When the dict is not a CLIP state dict; the message lists the missing and unexpected keys and the wrong
+        shapes. It is a ``KeyError``, a ``RuntimeError`` and a ``ValueError``, so the ``except`` clauses written for
+        the original's errors catch it.
     """
     return model_from_state_dict(state_dict, half=True)

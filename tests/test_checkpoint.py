@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import clip
-from clip._checkpoint import CheckpointError, read_state_dict
+from clip._checkpoint import CheckpointError
+from clip._layouts import read_state_dict
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_archive, save_state_dict
 
 SCALARS = ("input_resolution", "context_length", "vocab_size")

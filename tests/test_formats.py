@@ -12,8 +12,9 @@ import warnings
 import pytest
 import torch
 
-from clip import _formats
-from clip._checkpoint import CheckpointError, read_state_dict
+from clip import _checkpoint, _layouts
+from clip._checkpoint import CheckpointError
+from clip._layouts import read_state_dict
 from clip.clip import load
 from clip.model import ARCHIVE_SCALAR_KEYS, build_model
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_state_dict
@@ -88,13 +89,13 @@ def release_safetensors(tmp_path) -> str:
 def test_is_safetensors_recognises_saved_files(release_safetensors, tmp_path):
     from safetensors.torch import save_file
 
-    assert _formats.is_safetensors(release_safetensors)
+    assert _checkpoint.is_safetensors(release_safetensors)
     saved = tmp_path / "x.safetensors"
     save_file({"a": torch.zeros(3)}, str(saved))
-    assert _formats.is_safetensors(str(saved))
+    assert _checkpoint.is_safetensors(str(saved))
     empty = tmp_path / "empty.safetensors"
     save_file({}, str(empty))
-    assert _formats.is_safetensors(str(empty))
+    assert _checkpoint.is_safetensors(str(empty))
 
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "empty", "short", "overlong", "not-json", "missing", "folder"])
@@ -114,7 +115,7 @@ def test_is_safetensors_rejects_other_files(tmp_path, kind):
         _write(path, (4).to_bytes(8, "little") + b"abcd")
     elif kind == "folder":
         path.mkdir()
-    assert not _formats.is_safetensors(str(path))
+    assert not _checkpoint.is_safetensors(str(path))
 
 
 @pytest.mark.parametrize("dims", [TINY_VIT, TINY_RN], ids=["vit", "rn"])
@@ -135,7 +136,7 @@ def test_release_shaped_safetensors_file_matches_the_state_dict(tmp_path, dims):
 def test_truncated_safetensors_file_names_the_fix(tmp_path, release_safetensors):
     data = pathlib.Path(release_safetensors).read_bytes()
     path = _write(tmp_path / "cut.safetensors", data[: len(data) // 2])
-    assert _formats.is_safetensors(path)
+    assert _checkpoint.is_safetensors(path)
     with pytest.raises(CheckpointError, match="truncated: delete it and fetch it again"):
         read_state_dict(path)
 
@@ -273,7 +274,7 @@ def test_hugging_face_tensors_we_lack_are_named(tmp_path):
     state_dict = hf_model().state_dict()
     state_dict["visual_projection.bias"] = torch.zeros(EMBED)
     with pytest.raises(CheckpointError, match=r"does not have \(1\): visual_projection.bias"):
-        _formats._hf_to_openai(state_dict, "x")
+        _layouts._hf_to_openai(state_dict, "x")
 
 
 def test_folder_without_weights_or_config(tmp_path):
@@ -289,14 +290,14 @@ def test_conversion_does_not_modify_its_input():
     state_dict = hf_model().state_dict()
     before = dict(state_dict)
     with pytest.warns(UserWarning, match="without its config.json"):
-        converted = _formats.to_openai_layout(state_dict, os.devnull)
+        converted = _layouts.to_openai_layout(state_dict, os.devnull)
     assert state_dict == before
     assert "visual.transformer.resblocks.1.attn.in_proj_weight" in converted
 
 
 def test_release_layout_passes_through_unchanged():
     state_dict = random_state_dict(TINY_VIT)
-    assert _formats.to_openai_layout(state_dict, "x") is state_dict
+    assert _layouts.to_openai_layout(state_dict, "x") is state_dict
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -429,7 +430,7 @@ def test_open_clip_conversion_does_not_modify_its_input():
     theirs, _ = open_clip_model(custom_text=True)
     state_dict = theirs.state_dict()
     before = dict(state_dict)
-    converted = _formats.to_openai_layout(state_dict, "x")
+    converted = _layouts.to_openai_layout(state_dict, "x")
     assert state_dict == before and "token_embedding.weight" in converted
     assert not set(converted) & set(ARCHIVE_SCALAR_KEYS)
 
@@ -438,10 +439,10 @@ def test_open_clip_two_text_towers_are_refused():
     state_dict = random_state_dict(TINY_VIT)
     state_dict["text.ln_final.weight"] = state_dict["ln_final.weight"]
     with pytest.raises(CheckpointError, match="both under 'text.' and at the top level .*text.ln_final.weight"):
-        _formats.to_openai_layout(state_dict, "x")
+        _layouts.to_openai_layout(state_dict, "x")
 
 
 def test_attention_mask_other_than_causal_is_refused():
     state_dict = dict(random_state_dict(TINY_VIT), attn_mask=torch.zeros(CONTEXT, CONTEXT))
     with pytest.raises(CheckpointError, match="attn_mask is not the causal attention mask"):
-        _formats.to_openai_layout(state_dict, "x")
+        _layouts.to_openai_layout(state_dict, "x")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import clip
 import clip.clip
 from clip import _jit
-from clip._checkpoint import read_state_dict
+from clip._layouts import read_state_dict
 from clip.model import ARCHIVE_SCALAR_KEYS
 from checkpoints import TINY_VIT, random_state_dict, save_archive, save_state_dict
 from httpserver import LocalServer

@@ -1,35 +1,27 @@
-"""Checkpoints from elsewhere: ``.safetensors`` files, open_clip and Hugging Face ``transformers`` CLIP checkpoints.
+"""Other layouts to ours: Hugging Face ``transformers`` and open_clip checkpoints (folders and files), mapped onto
+the release's key names, with their configurations checked against what ``clip.model.CLIP`` computes and against
+their own weights.
 
-``_checkpoint.read_state_dict`` calls four functions here: :func:`is_safetensors` and :func:`read_safetensors` for
-files, :func:`read_folder` for folders, and :func:`to_openai_layout` on every state dict it reads. Each layout is
-mapped onto the release's key names (the names of ``clip.model``'s modules) by a small pure function:
-
-- open_clip's ``CLIP`` with the OpenAI architecture already uses the release names; its ``CustomTextCLIP`` nests
-  the same text tower under ``text.``. Both are accepted.
-- Hugging Face ``CLIPModel`` names every tensor differently and keeps separate query, key and value projections;
-  they are renamed and packed into ``in_proj_weight``/``in_proj_bias``.
-
-Only checkpoints that ``clip.model.CLIP`` computes exactly are accepted: 64-dimensional attention heads, QuickGELU,
-LayerNorm eps 1e-5, pooling at the end-of-text token. Features the model lacks (a logit bias, layer scale, an
-attentional pooler, other towers) are named in the error. An activation leaves no trace in the weights, so a
-GELU model can only be told apart when its configuration travels with it (a folder's ``config.json`` or
-``open_clip_config.json``); a bare open_clip state dict is taken to use QuickGELU, as the OpenAI weights do.
+:func:`read_state_dict` is the entry ``clip.load`` uses: a folder is read here, a file by ``_checkpoint.read_file``,
+and either is then mapped by :func:`to_openai_layout`. See the README for the formats accepted and refused.
 """
+import dataclasses
 import json
 import math
 import os
 import re
-import struct
+import reprlib
 import warnings
-import zipfile
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-StateDict = Dict[str, torch.Tensor]
+from ._checkpoint import CheckpointError, format_keys, read_file
+from .model import StateDictError, infer_dims
 
-# A safetensors file starts with the byte length of its JSON header as a little-endian uint64.
-_SAFETENSORS_HEADER_LENGTH = struct.Struct("<Q")
+__all__ = ["read_state_dict", "read_folder", "to_openai_layout"]
+
+StateDict = Dict[str, torch.Tensor]
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -48,68 +40,24 @@ _LAYER_NORM_EPS = 1e-5
 _HF_LEGACY_EOS_ID = 2
 
 
-def _error(message: str) -> Exception:
-    from ._checkpoint import CheckpointError  # lazily: _checkpoint imports this module
+def read_state_dict(path: str) -> StateDict:
+    """Read a checkpoint file or folder into a flat ``{key: tensor}`` dict on the CPU, in the release layout.
 
-    return CheckpointError(message)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# safetensors files
-
-
-def is_safetensors(path: str) -> bool:
-    """Whether ``path`` looks like a safetensors file, judged by its header alone.
-
-    A safetensors file starts with an 8-byte little-endian header length, then a JSON object of that length. The
-    ``safetensors`` package is not needed for the check.
-    """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(_SAFETENSORS_HEADER_LENGTH.size + 1)
-    except OSError:
-        return False
-    if len(head) < _SAFETENSORS_HEADER_LENGTH.size + 1:
-        return False
-    (header_length,) = _SAFETENSORS_HEADER_LENGTH.unpack(head[:_SAFETENSORS_HEADER_LENGTH.size])
-    # "{}" is the shortest header; a zip or pickle file's first 8 bytes read as a length far beyond the file's size.
-    fits = 2 <= header_length <= size - _SAFETENSORS_HEADER_LENGTH.size
-    return fits and head[-1:] == b"{"
-
-
-def read_safetensors(path: str) -> StateDict:
-    """Read every tensor of a safetensors file onto the CPU.
-
-    Parameters
-    ----------
-    path : str
-        The file.
-
-    Returns
-    -------
-    dict
-        ``{key: tensor}`` as stored; the caller converts the layout.
+    Tensors of zip files are views of private memory maps of the file (see ``_checkpoint.read_file``): callers
+    that keep them copy them (``build_model`` does).
 
     Raises
     ------
-    ImportError
-        When the optional ``safetensors`` package is not installed.
+    FileNotFoundError, IsADirectoryError
+        When ``path`` names nothing, or a folder that is not a checkpoint.
     CheckpointError
-        When the file is damaged or truncated.
+        When the file is empty, truncated, not a checkpoint, wants to run code, holds no tensors, or holds a model
+        that ``clip.model.CLIP`` does not compute exactly.
     """
-    try:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-    except ImportError as e:
-        raise ImportError(f"{path} is a safetensors file, and reading it needs the safetensors package: "
-                          f"pip install safetensors (or pip install 'clip-dropin[safetensors]')") from e
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        size = os.path.getsize(path)
-        raise _error(f"{path} ({size:,} bytes) is not a readable safetensors file ({type(e).__name__}: {e}). "
-                     f"If it was downloaded or copied, it may be truncated: delete it and fetch it again") from e
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return read_folder(path)
+    return to_openai_layout(read_file(path), path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,27 +71,32 @@ def read_folder(path: str) -> StateDict:
     or ``open_clip_pytorch_model.bin``, as ``open_clip.push_to_hf_hub``/``save_for_hf`` write them) and Hugging
     Face ``transformers``' (``config.json`` of ``model_type`` ``"clip"`` with ``model.safetensors`` or
     ``pytorch_model.bin``, possibly sharded, as ``CLIPModel.save_pretrained`` writes them). The configuration is
-    checked first: a model that ``clip.model.CLIP`` would not compute exactly is refused.
+    checked first: a model that ``clip.model.CLIP`` would not compute exactly is refused; then the weights must
+    have the sizes the configuration gives.
 
     Raises
     ------
     IsADirectoryError
         When the folder holds neither configuration file.
     CheckpointError
-        When the configuration describes an architecture that is not supported, or the weights are missing.
+        When the configuration describes an architecture that is not supported or that its weights do not have,
+        or the weights are missing.
     """
     open_clip_config = os.path.join(path, OPEN_CLIP_CONFIG)
     if os.path.isfile(open_clip_config):
-        model_cfg = _read_json(open_clip_config).get("model_cfg")
-        if isinstance(model_cfg, dict):
-            _check_open_clip_config(model_cfg, open_clip_config, path)
+        model_cfg = _read_json(open_clip_config).get("model_cfg", {})
+        _expect(isinstance(model_cfg, dict), open_clip_config, "model_cfg", model_cfg, "an object")
+        expected = _check_open_clip_config(model_cfg, open_clip_config, path)
         tensors = _read_weights(path, OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG)
-        return _open_clip_to_openai(tensors, path)
+        state_dict = _open_clip_to_openai(tensors, path)
+        _check_agreement(expected, state_dict, open_clip_config, path)
+        return state_dict
     hf_config = os.path.join(path, HF_CONFIG)
     if os.path.isfile(hf_config):
-        _check_hf_config(_read_json(hf_config), hf_config)
-        tensors = _read_weights(path, HF_WEIGHTS, HF_CONFIG)
-        return _hf_to_openai(tensors, path)
+        expected = _check_hf_config(_read_json(hf_config), hf_config)
+        state_dict = _hf_to_openai(_read_weights(path, HF_WEIGHTS, HF_CONFIG), path)
+        _check_agreement(expected, state_dict, hf_config, path)
+        return state_dict
     raise IsADirectoryError(
         f"{path} is a directory without {HF_CONFIG} (Hugging Face) or {OPEN_CLIP_CONFIG} (open_clip); expected a "
         f"checkpoint file (.pt, .pth, .safetensors), such a folder, or a release name from clip.available_models()")
@@ -153,11 +106,52 @@ def _read_json(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _error(f"{path} is not readable JSON ({type(e).__name__}: {e})") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON syntax, huge ints
+        what = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path} is not readable JSON ({what})") from None
     if not isinstance(value, dict):
-        raise _error(f"{path} holds a JSON {type(value).__name__}, expected an object")
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, expected an object")
     return value
+
+
+def _expect(ok: bool, config_path: str, option: str, value: Any, what: str) -> None:
+    """Refuse a configuration value of the wrong type, naming the file, the option and the value."""
+    if not ok:
+        raise CheckpointError(f"{config_path}: {option} is {reprlib.repr(value)}, expected {what}")
+
+
+def _positive_int(options: Mapping[str, Any], key: str, default: Any, config_path: str, where: str) -> int:
+    value = options.get(key, default)
+    _expect(type(value) is int and value > 0, config_path, f"{where}{key}", value, "a positive integer")
+    return value
+
+
+def _section(config: Mapping[str, Any], key: str, config_path: str) -> Mapping[str, Any]:
+    value = config.get(key)
+    if value is None:
+        return {}
+    _expect(isinstance(value, dict), config_path, key, value, "an object")
+    return value
+
+
+def _check_agreement(expected: Dict[str, Any], state_dict: StateDict, config_path: str, path: str) -> None:
+    """Refuse weights whose sizes differ from those their configuration gives (a config the weights do not fit).
+
+    ``expected`` maps ``ModelDims`` fields (and ``vision_heads``) to the configuration's values.
+    """
+    try:
+        dims = dataclasses.asdict(infer_dims(state_dict))
+    except StateDictError as e:
+        raise CheckpointError(f"{path} is not a CLIP checkpoint: {e}") from None
+    if isinstance(dims["vision_layers"], list):
+        dims["vision_layers"] = tuple(dims["vision_layers"])
+    if dims["vision_patch_size"] is not None:  # ViT heads; ResNet attention-pool heads are not configured
+        dims["vision_heads"] = dims["vision_width"] // _HEAD_WIDTH
+    differences = [f"{name} {value!r} in the configuration, {dims[name]!r} in the weights"
+                   for name, value in expected.items() if name in dims and dims[name] != value]
+    if differences:
+        raise CheckpointError(f"{config_path} does not describe the weights beside it: {'; '.join(differences)}. "
+                              f"Fix the configuration or the weights; a model is not loaded from a mismatched pair")
 
 
 def _read_weights(folder: str, names: Sequence[str], config_name: str) -> StateDict:
@@ -165,37 +159,29 @@ def _read_weights(folder: str, names: Sequence[str], config_name: str) -> StateD
     for name in names:
         file = os.path.join(folder, name)
         if os.path.isfile(file):
-            return _read_tensors(file)
+            return read_file(file)
         if os.path.isfile(file + _INDEX_SUFFIX):
             return _read_shards(folder, file + _INDEX_SUFFIX)
-    raise _error(f"{folder} has {config_name} but no weights: expected "
-                 f"{' or '.join(names)} (or a sharded {names[0]}{_INDEX_SUFFIX})")
+    raise CheckpointError(f"{folder} has {config_name} but no weights: expected "
+                          f"{' or '.join(names)} (or a sharded {names[0]}{_INDEX_SUFFIX})")
 
 
 def _read_shards(folder: str, index_path: str) -> StateDict:
     weight_map = _read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise _error(f"{index_path} has no weight_map; it is not a sharded-weights index")
-    tensors: StateDict = {}
-    for shard in sorted(set(weight_map.values())):
+        raise CheckpointError(f"{index_path} has no weight_map; it is not a sharded-weights index")
+    shards = list(weight_map.values())
+    for shard in shards:
         # Shards sit beside their index; a path elsewhere is refused rather than followed.
-        if not isinstance(shard, str) or os.path.basename(shard) != shard:
-            raise _error(f"{index_path} names a shard outside its folder: {shard!r}")
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index_path} names a shard outside its folder: {reprlib.repr(shard)}")
+    tensors: StateDict = {}
+    for shard in sorted(set(shards)):
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
-            raise _error(f"{index_path} lists the shard {shard}, which is missing from {folder}")
-        tensors.update(_read_tensors(shard_path))
+            raise CheckpointError(f"{index_path} lists the shard {shard}, which is missing from {folder}")
+        tensors.update(read_file(shard_path))
     return tensors
-
-
-def _read_tensors(path: str) -> StateDict:
-    """A weights file's flat ``{key: tensor}`` dict, as stored (safetensors or a ``torch.save`` file)."""
-    from ._checkpoint import _check_is_file, _torch_load, _unwrap
-
-    _check_is_file(path)
-    if is_safetensors(path):
-        return _unwrap(read_safetensors(path), path)
-    return _unwrap(_torch_load(path, mmap=zipfile.is_zipfile(path)), path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,10 +192,10 @@ def to_openai_layout(state_dict: StateDict, path: str) -> StateDict:
     """Map a state dict of a known layout onto the release's key names.
 
     Hugging Face ``CLIPModel`` state dicts (``text_model.*``, ``vision_model.*``) are converted; when a
-    ``config.json`` lies beside the file it is checked, otherwise a warning says that the activation and head
-    count could not be. open_clip state dicts are normalised (``text.`` prefix of ``CustomTextCLIP``, the causal
-    ``attn_mask`` buffer, a one-element ``logit_scale``). A release-layout dict is returned as it is. The input
-    dict is never modified.
+    ``config.json`` lies beside the file it is checked, against the weights too, otherwise a warning says that the
+    activation and head count could not be. open_clip state dicts are normalised (``text.`` prefix of
+    ``CustomTextCLIP``, the causal ``attn_mask`` buffer, a one-element ``logit_scale``). A release-layout dict is
+    returned as it is. The input dict is never modified.
 
     Raises
     ------
@@ -219,12 +205,14 @@ def to_openai_layout(state_dict: StateDict, path: str) -> StateDict:
     if any(key.startswith(("text_model.", "vision_model.")) for key in state_dict):
         config = os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG)
         if os.path.isfile(config):
-            _check_hf_config(_read_json(config), config)
-        else:
-            warnings.warn(f"{path} holds a Hugging Face CLIPModel state dict without its {HF_CONFIG}, so its "
-                          f"activation and attention heads cannot be checked; assuming the OpenAI architecture "
-                          f"(quick_gelu, 64-dimensional heads). Load the saved folder to have them checked",
-                          stacklevel=2)
+            expected = _check_hf_config(_read_json(config), config)
+            converted = _hf_to_openai(state_dict, path)
+            _check_agreement(expected, converted, config, path)
+            return converted
+        warnings.warn(f"{path} holds a Hugging Face CLIPModel state dict without its {HF_CONFIG}, so its "
+                      f"activation and attention heads cannot be checked; assuming the OpenAI architecture "
+                      f"(quick_gelu, 64-dimensional heads). Load the saved folder to have them checked",
+                      stacklevel=2)
         return _hf_to_openai(state_dict, path)
     return _open_clip_to_openai(state_dict, path)
 
@@ -258,7 +246,7 @@ def _open_clip_to_openai(state_dict: StateDict, path: str) -> StateDict:
     if len(renamed) != len(state_dict):
         both = sorted(k for k in state_dict if k.startswith(_OPEN_CLIP_TEXT_PREFIX) and _strip_text_prefix(k) in
                       state_dict)
-        raise _error(f"{path} holds text-tower tensors both under 'text.' and at the top level (such as "
+        raise CheckpointError(f"{path} holds text-tower tensors both under 'text.' and at the top level (such as "
                      f"{', '.join(both[:3])}); it is not one CLIP model")
     has_mask = "attn_mask" in renamed  # a causal-mask buffer that older open_clip versions saved
     logit_scale = state_dict.get(renamed.get("logit_scale", ""))
@@ -270,7 +258,7 @@ def _open_clip_to_openai(state_dict: StateDict, path: str) -> StateDict:
     for new, old in renamed.items():
         tensor = state_dict[old]
         if new == "attn_mask":
-            _check_causal_mask(tensor, old, path)
+            _check_causal_mask(tensor, old, state_dict.get(renamed.get("positional_embedding", "")), path)
             continue  # clip.model builds its causal mask itself; it is not a weight
         result[new] = tensor.reshape(()) if (new == "logit_scale" and reshape_scale) else tensor
     return result
@@ -292,16 +280,22 @@ def _reject_unsupported(state_dict: Mapping[str, torch.Tensor], path: str) -> No
     if "visual.class_embedding" in state_dict and "visual.ln_pre.weight" not in state_dict:
         found.append("no LayerNorm before the image transformer (open_clip no_ln_pre)")
     if found:
-        raise _error(f"{path} holds a model with parts that clip's model does not have: {'; '.join(found)}. Only "
+        raise CheckpointError(f"{path} holds a model with parts that clip's model does not have: {'; '.join(found)}. Only "
                      f"the OpenAI CLIP architectures are supported; load this checkpoint with open_clip instead")
 
 
-def _check_causal_mask(mask: torch.Tensor, key: str, path: str) -> None:
-    n = mask.shape[0] if mask.dim() == 2 else 0
+def _check_causal_mask(mask: torch.Tensor, key: str, positions: Optional[torch.Tensor], path: str) -> None:
+    """Refuse an attention mask other than the causal one of the context length (checked by shape first, so a
+    mask claiming a huge size is never compared element by element)."""
+    n = positions.shape[0] if positions is not None and positions.dim() == 2 else None
+    if n is None or mask.shape != (n, n):
+        raise CheckpointError(f"{path}: {key} has shape {tuple(mask.shape)}, where the causal attention mask of the "
+                              f"text transformer is context length x context length (positional_embedding: "
+                              f"{None if positions is None else tuple(positions.shape)})")
     expected = torch.full((n, n), float("-inf")).triu_(1)
-    if mask.shape != (n, n) or not torch.equal(mask.float().cpu(), expected):
-        raise _error(f"{path}: {key} is not the causal attention mask that clip's text transformer uses; a text "
-                     f"tower with another mask is not supported")
+    if not torch.equal(mask.float(), expected):
+        raise CheckpointError(f"{path}: {key} is not the causal attention mask that clip's text transformer uses; a "
+                              f"text tower with another mask is not supported")
 
 
 # open_clip model_cfg options whose other values change the computation: (section, option, open_clip's default,
@@ -339,31 +333,66 @@ _OPEN_CLIP_OPTIONS: Tuple[Tuple[str, str, Any, Tuple[Any, ...], str], ...] = (
     ("text_cfg", "act_kwargs", None, (None, {}), "activation options"),
     ("text_cfg", "norm_kwargs", None, (None, {}), "LayerNorm options (such as eps)"),
 )
-# open_clip's text tower defaults: 512 wide, 8 heads.
-_OPEN_CLIP_TEXT_DEFAULTS = {"width": 512, "heads": 8}
+# open_clip's defaults (CLIPVisionCfg, CLIPTextCfg) for the sizes a model_cfg leaves out.
+_OPEN_CLIP_VISION_DEFAULTS = {"layers": 12, "width": 768, "patch_size": 16, "image_size": 224}
+_OPEN_CLIP_TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+_OPEN_CLIP_EMBED_DIM = 512
 
 
-def _check_open_clip_config(model_cfg: Mapping[str, Any], config_path: str, folder: str) -> None:
+def _check_open_clip_config(model_cfg: Mapping[str, Any], config_path: str, folder: str) -> Dict[str, Any]:
+    """Refuse an open_clip model_cfg that clip's model does not compute exactly; return the sizes it gives, as
+    ``ModelDims`` fields, for :func:`_check_agreement`."""
+    sections = {name: _section(model_cfg, name, config_path) for name in ("vision_cfg", "text_cfg")}
     problems: List[str] = []
     for section, option, default, supported, what in _OPEN_CLIP_OPTIONS:
-        values = model_cfg.get(section, {}) if section else model_cfg
-        value = values.get(option, default) if isinstance(values, dict) else default
+        value = sections[section].get(option, default) if section else model_cfg.get(option, default)
         if value not in supported:
             where = f"{section}.{option}" if section else option
-            problems.append(f"{what} ({where}={value!r})")
+            problems.append(f"{what} ({where}={reprlib.repr(value)})")
     if "multimodal_cfg" in model_cfg:
         problems.append("a multimodal text decoder (CoCa)")
-    text_cfg = model_cfg.get("text_cfg", {})
-    if isinstance(text_cfg, dict):
-        width = text_cfg.get("width", _OPEN_CLIP_TEXT_DEFAULTS["width"])
-        heads = text_cfg.get("heads", _OPEN_CLIP_TEXT_DEFAULTS["heads"])
-        if heads != width // _HEAD_WIDTH:
-            problems.append(f"{heads} text attention heads for width {width}, where clip's model uses "
-                            f"width // 64 = {width // _HEAD_WIDTH} heads (text_cfg.heads={heads})")
+    expected = _open_clip_sizes(model_cfg, sections["vision_cfg"], sections["text_cfg"], config_path)
+    width, heads = expected["transformer_width"], expected["transformer_heads"]
+    if heads != width // _HEAD_WIDTH:
+        problems.append(f"{heads} text attention heads for width {width}, where clip's model uses "
+                        f"width // 64 = {width // _HEAD_WIDTH} heads (text_cfg.heads={heads})")
     if problems:
-        raise _error(f"{config_path} describes an open_clip model that clip's model does not compute exactly: "
-                     f"{'; '.join(problems)}. Load it with open_clip instead, e.g. "
-                     f"open_clip.create_model_and_transforms('local-dir:{folder}')")
+        raise CheckpointError(f"{config_path} describes an open_clip model that clip's model does not compute "
+                              f"exactly: {'; '.join(problems)}. Load it with open_clip instead, e.g. "
+                              f"open_clip.create_model_and_transforms('local-dir:{folder}')")
+    return expected
+
+
+def _open_clip_sizes(model_cfg: Mapping[str, Any], vision: Mapping[str, Any], text: Mapping[str, Any],
+                     config_path: str) -> Dict[str, Any]:
+    """The sizes an open_clip model_cfg gives, checked for type, as ``ModelDims`` fields."""
+    layers = vision.get("layers", _OPEN_CLIP_VISION_DEFAULTS["layers"])
+    resnet = isinstance(layers, (list, tuple))
+    _expect(type(layers) is int and layers >= 0 or resnet and len(layers) == 4
+            and all(type(n) is int and n > 0 for n in layers),
+            config_path, "vision_cfg.layers", layers, "an integer, or four for a ResNet")
+    image_size = vision.get("image_size", _OPEN_CLIP_VISION_DEFAULTS["image_size"])
+    if isinstance(image_size, (list, tuple)) and len(image_size) == 2 and image_size[0] == image_size[1]:
+        image_size = image_size[0]  # a square [height, width]
+    _expect(type(image_size) is int and image_size > 0, config_path, "vision_cfg.image_size", image_size,
+            "a positive integer (or a square [height, width])")
+    sizes = {
+        "embed_dim": _positive_int(model_cfg, "embed_dim", _OPEN_CLIP_EMBED_DIM, config_path, ""),
+        "image_resolution": image_size,
+        "vision_layers": tuple(layers) if resnet else layers,
+        "vision_width": _positive_int(vision, "width", _OPEN_CLIP_VISION_DEFAULTS["width"], config_path,
+                                      "vision_cfg."),
+        "vision_patch_size": None if resnet else _positive_int(
+            vision, "patch_size", _OPEN_CLIP_VISION_DEFAULTS["patch_size"], config_path, "vision_cfg."),
+    }
+    for field, option in (("context_length", "context_length"), ("vocab_size", "vocab_size"),
+                          ("transformer_width", "width"), ("transformer_heads", "heads")):
+        sizes[field] = _positive_int(text, option, _OPEN_CLIP_TEXT_DEFAULTS[option], config_path, "text_cfg.")
+    text_layers = text.get("layers", _OPEN_CLIP_TEXT_DEFAULTS["layers"])
+    _expect(type(text_layers) is int and text_layers >= 0, config_path, "text_cfg.layers", text_layers,
+            "an integer")
+    sizes["transformer_layers"] = text_layers
+    return sizes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -415,6 +444,7 @@ def _hf_to_openai(state_dict: Mapping[str, torch.Tensor], path: str) -> StateDic
         if key in _HF_RENAMES:
             result[_HF_RENAMES[key]] = tensor
         elif key in _HF_TRANSPOSED:
+            _check_dims(tensor, 2, key, path)
             result[_HF_TRANSPOSED[key]] = tensor.t().contiguous()  # (embed, width) -> (width, embed)
         elif _HF_IGNORED.match(key):
             continue
@@ -428,17 +458,27 @@ def _hf_to_openai(state_dict: Mapping[str, torch.Tensor], path: str) -> StateDic
             else:
                 result[target] = tensor
     if unknown:
-        shown = ", ".join(sorted(unknown)[:10]) + (" ..." if len(unknown) > 10 else "")
-        raise _error(f"{path} is a Hugging Face CLIP checkpoint with tensors that clip's model does not have "
-                     f"({len(unknown)}): {shown}. Only CLIPModel with the OpenAI architecture is supported")
+        raise CheckpointError(f"{path} is a Hugging Face CLIP checkpoint with tensors that clip's model does not "
+                              f"have ({len(unknown)}): {format_keys(sorted(unknown), 10)}. Only CLIPModel with the "
+                              f"OpenAI architecture is supported")
     for in_proj, parts in packed.items():
         missing = [p for p in "qkv" if p not in parts]
         if missing:
-            raise _error(f"{path}: the {'/'.join(missing)} projection of {in_proj} is missing; the checkpoint is "
-                         f"incomplete")
+            raise CheckpointError(f"{path}: the {'/'.join(missing)} projection of {in_proj} is missing; the "
+                                  f"checkpoint is incomplete")
+        shapes = {tuple(t.shape) for t in parts.values()}
+        if len(shapes) != 1 or parts["q"].dim() not in (1, 2):
+            raise CheckpointError(f"{path}: the q, k and v projections of {in_proj} have shapes "
+                                  f"{', '.join(str(tuple(parts[p].shape)) for p in 'qkv')}; expected one matrix "
+                                  f"(or bias) shape for all three")
         # nn.MultiheadAttention packs the projections as rows [q; k; v]: (3 * width, width) or (3 * width,).
         result[in_proj] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return result
+
+
+def _check_dims(tensor: torch.Tensor, dims: int, key: str, path: str) -> None:
+    if tensor.dim() != dims:
+        raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}; expected {dims} dimensions")
 
 
 def _hf_layer_key(key: str) -> Union[str, Tuple[str, str], None]:
@@ -458,43 +498,69 @@ def _hf_layer_key(key: str) -> Union[str, Tuple[str, str], None]:
     return None
 
 
-# transformers' CLIPTextConfig and CLIPVisionConfig defaults, for options a config.json leaves out.
+# transformers' CLIPTextConfig, CLIPVisionConfig and CLIPConfig defaults, for options a config.json leaves out.
 _HF_TOWER_DEFAULTS = {
-    "text": {"hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048, "vocab_size": 49408,
-             "eos_token_id": 49407},
-    "vision": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
+    "text": {"hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048, "num_hidden_layers": 12,
+             "vocab_size": 49408, "max_position_embeddings": 77, "eos_token_id": 49407},
+    "vision": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "image_size": 224, "patch_size": 32},
 }
+_HF_PROJECTION_DIM = 512
 _HF_SINGLE_TOWERS = {"clip_text_model": "text", "clip_vision_model": "vision"}
+# Each ModelDims field (and the vision heads), the tower and the option of a CLIPConfig that gives it.
+_HF_SIZES = (
+    ("transformer_width", "text", "hidden_size"),
+    ("transformer_heads", "text", "num_attention_heads"),
+    ("transformer_layers", "text", "num_hidden_layers"),
+    ("context_length", "text", "max_position_embeddings"),
+    ("vocab_size", "text", "vocab_size"),
+    ("vision_width", "vision", "hidden_size"),
+    ("vision_heads", "vision", "num_attention_heads"),
+    ("vision_layers", "vision", "num_hidden_layers"),
+    ("vision_patch_size", "vision", "patch_size"),
+)
 
 
-def _check_hf_config(config: Mapping[str, Any], config_path: str) -> None:
-    """Refuse a Hugging Face configuration that ``clip.model.CLIP`` would not compute exactly."""
+def _check_hf_config(config: Mapping[str, Any], config_path: str) -> Dict[str, Any]:
+    """Refuse a Hugging Face configuration that ``clip.model.CLIP`` would not compute exactly; return the sizes it
+    gives, as ``ModelDims`` fields, for :func:`_check_agreement`."""
     model_type = config.get("model_type")
     if model_type in _HF_SINGLE_TOWERS:
-        raise _error(f"{config_path} describes only the {_HF_SINGLE_TOWERS[model_type]} tower of a CLIP model "
-                     f"({model_type}); clip.load needs both towers: save the whole CLIPModel")
+        raise CheckpointError(f"{config_path} describes only the {_HF_SINGLE_TOWERS[model_type]} tower of a CLIP "
+                              f"model ({model_type}); clip.load needs both towers: save the whole CLIPModel")
     if model_type != "clip":
-        raise _error(f"{config_path} describes a Hugging Face model of type {model_type!r}; only 'clip' "
-                     f"(CLIPModel) checkpoints of the OpenAI architecture are supported")
+        raise CheckpointError(f"{config_path} describes a Hugging Face model of type {reprlib.repr(model_type)}; "
+                              f"only 'clip' (CLIPModel) checkpoints of the OpenAI architecture are supported")
     problems: List[str] = []
+    towers = {}
     for tower, defaults in _HF_TOWER_DEFAULTS.items():
         # Configs written by older transformers versions may keep the towers under "<tower>_config_dict".
-        options = config.get(f"{tower}_config") or config.get(f"{tower}_config_dict") or {}
-        problems.extend(_hf_tower_problems(tower, {**defaults, **options}))
+        key = f"{tower}_config" if config.get(f"{tower}_config") else f"{tower}_config_dict"
+        options = {**defaults, **_section(config, key, config_path)}
+        for option in defaults:
+            _positive_int(options, option, None, config_path, f"{key}.")
+        towers[tower] = options
+        problems.extend(_hf_tower_problems(tower, options))
     if problems:
-        raise _error(f"{config_path} describes a CLIP model that clip's model does not compute exactly: "
-                     f"{'; '.join(problems)}. Load it with transformers instead")
+        raise CheckpointError(f"{config_path} describes a CLIP model that clip's model does not compute exactly: "
+                              f"{'; '.join(problems)}. Load it with transformers instead")
+    sizes = {field: towers[tower][option] for field, tower, option in _HF_SIZES}
+    patches = towers["vision"]["image_size"] // towers["vision"]["patch_size"]
+    sizes["image_resolution"] = patches * towers["vision"]["patch_size"]  # the model sees whole patches only
+    sizes["embed_dim"] = _positive_int(config, "projection_dim", _HF_PROJECTION_DIM, config_path, "")
+    return sizes
 
 
 def _hf_tower_problems(tower: str, options: Mapping[str, Any]) -> List[str]:
     problems = []
     activation = options.get("hidden_act", "quick_gelu")
     if activation != "quick_gelu":
-        problems.append(f"the {tower} tower's activation is {activation!r}, where clip's model computes "
-                        f"'quick_gelu'")
+        problems.append(f"the {tower} tower's activation is {reprlib.repr(activation)}, where clip's model "
+                        f"computes 'quick_gelu'")
     eps = options.get("layer_norm_eps", _LAYER_NORM_EPS)
-    if not isinstance(eps, (int, float)) or not math.isclose(eps, _LAYER_NORM_EPS):
-        problems.append(f"the {tower} tower's layer_norm_eps is {eps!r}, where clip's model uses {_LAYER_NORM_EPS}")
+    if type(eps) not in (int, float) or not math.isclose(eps, _LAYER_NORM_EPS):
+        problems.append(f"the {tower} tower's layer_norm_eps is {reprlib.repr(eps)}, where clip's model uses "
+                        f"{_LAYER_NORM_EPS}")
     width, heads = options["hidden_size"], options["num_attention_heads"]
     if heads != width // _HEAD_WIDTH:
         problems.append(f"the {tower} tower has {heads} attention heads for width {width}, where clip's model uses "
