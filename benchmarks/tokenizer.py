@@ -1,6 +1,6 @@
 """Tokenizer throughput: ours against open_clip's tokenizer and a plain restatement of the original, in one run.
 
-    python benchmarks/tokenizer.py [--repeat 3]
+    python benchmarks/tokenizer.py [--repeat 3] [--long-word 10000] [--candidate DIR]
 
 Needs ``open_clip_torch`` (``pip install open_clip_torch``: its tokenizer is OpenAI's code with the same vocabulary,
 and it supplies the 80 prompt templates and the class names) and ``hypothesis`` and ``pytest`` (the restatement of
@@ -16,7 +16,13 @@ Every figure comes from a fresh process per tokenizer and workload, so each star
 - ``messy``: the same with messy captions only: ``ftfy`` must run on most of them, in all three tokenizers, and
   takes most of the time, so this is the floor of the speed-up;
 - ``single``: one short text: the first call after the tokenizer is built, then the median of 2,000 calls;
+- ``long``: one word of ``--long-word`` random lower-case letters (10,000 by default), the case where the
+  original's merge loop is quadratic (a 100,000-letter word takes it minutes: raise the length with care);
 - ``build``: building the tokenizer (parsing the vocabulary).
+
+With ``--candidate DIR`` (repeatable), a scratch copy of the package in DIR (``DIR/clip``) is measured beside ours
+under the name ``cand:<DIR name>``: a change to try, or the code before one (``git archive <commit> clip | tar -x
+-C DIR``).
 
 Only the tokenizing is timed (imports, ``ftfy``'s included, come before). The best of ``--repeat`` runs is kept. Each child also returns a digest of every id it produced: ours must equal the
 reference's (the script says so, and fails otherwise); open_clip's equals them on these texts too.
@@ -25,15 +31,17 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List
 
 from _common import REPO, child_env, median, print_machine, run_child, table
 
 IMPLEMENTATIONS = ("ours", "open_clip", "reference")
-WORKLOADS = ("prompts", "captions", "messy", "single", "build")
+WORKLOADS = ("prompts", "captions", "messy", "single", "long", "build")
 BATCH = 256
 SHORT_TEXT = "a photo of a dog."
 
@@ -93,9 +101,15 @@ def captions(n: int = 10_000, seed: int = 0, messy_only: bool = False) -> List[s
 # Children: one tokenizer, one workload, a fresh process
 
 
+def long_word(length: int, seed: int = 0) -> str:
+    """``length`` random lower-case ASCII letters, fixed by ``seed``: one word, as the pattern cuts it."""
+    rnd = random.Random(seed)
+    return "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
+
+
 def tokenizer_factory(implementation: str, vocab: str) -> Callable[[], Callable]:
     """Import one implementation; return what builds it, and the built thing is ``tokenize(texts, truncate)``."""
-    if implementation == "ours":
+    if implementation == "ours" or implementation.startswith("cand:"):
         from clip import simple_tokenizer
 
         def build():
@@ -122,10 +136,12 @@ def tokenizer_factory(implementation: str, vocab: str) -> Callable[[], Callable]
     return build
 
 
-def child(implementation: str, workload: str, vocab: str) -> Dict[str, float]:
+def child(implementation: str, workload: str, vocab: str, long_length: int) -> Dict[str, float]:
     import ftfy  # noqa: F401  (the others import it with themselves, ours on first need: keep it out of every timing)
     import torch
 
+    if implementation.startswith("cand:"):
+        sys.path.insert(0, os.environ["BENCH_CLIP_PATH"])  # the candidate's clip before ours
     build = tokenizer_factory(implementation, vocab)
     if workload == "build":
         start = time.perf_counter()
@@ -146,6 +162,13 @@ def child(implementation: str, workload: str, vocab: str) -> Dict[str, float]:
             calls.append(time.perf_counter() - start)
         digest.update(first.to(torch.int64).numpy().tobytes())
         return {"first_call": first_call, "per_call": median(calls), "digest": digest.hexdigest()}
+    if workload == "long":
+        word = long_word(long_length)
+        start = time.perf_counter()
+        row = tokenize(word, True)
+        seconds = time.perf_counter() - start
+        digest.update(row.to(torch.int64).numpy().tobytes())
+        return {"seconds": seconds, "digest": digest.hexdigest()}
     truncate = workload != "prompts"
     outputs = []
     start = time.perf_counter()
@@ -161,8 +184,10 @@ def child(implementation: str, workload: str, vocab: str) -> Dict[str, float]:
 # Parent
 
 
-def measure(implementation: str, workload: str, repeat: int) -> dict:
-    runs = [run_child([__file__, "--child", implementation, workload], child_env()) for _ in range(repeat)]
+def measure(implementation: str, workload: str, repeat: int, long_length: int, candidates: Dict[str, Path]) -> dict:
+    args = [__file__, "--child", implementation, workload, "--long-word", str(long_length)]
+    extra = {"BENCH_CLIP_PATH": str(candidates[implementation])} if implementation in candidates else {}
+    runs = [run_child(args, child_env(**extra)) for _ in range(repeat)]
     key = "per_call" if workload == "single" else "seconds"
     return min(runs, key=lambda run: run[key])
 
@@ -170,39 +195,56 @@ def measure(implementation: str, workload: str, repeat: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs per figure; the best is kept")
+    parser.add_argument("--long-word", type=int, default=10_000, metavar="LETTERS",
+                        help="length of the long word (the quadratic loop's time grows with its square)")
+    parser.add_argument("--candidate", type=Path, action="append", default=[],
+                        help="a folder holding a copy of the package (DIR/clip), measured beside ours")
     parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        import os
-
-        print(json.dumps(child(*args.child, os.environ["CLIP_BPE_PATH"])))
+        print(json.dumps(child(*args.child, os.environ["CLIP_BPE_PATH"], args.long_word)))
         return
 
     print_machine()
-    results = {(i, w): measure(i, w, args.repeat) for w in WORKLOADS for i in IMPLEMENTATIONS}
+    candidates = {f"cand:{c.resolve().name}": c.resolve() for c in args.candidate}
+    for path in candidates.values():
+        if not (path / "clip" / "simple_tokenizer.py").is_file():
+            sys.exit(f"--candidate {path}: no clip/simple_tokenizer.py there; give the folder that holds clip/")
+    implementations = IMPLEMENTATIONS[:1] + tuple(candidates) + IMPLEMENTATIONS[1:]
+    results = {(i, w): measure(i, w, args.repeat, args.long_word, candidates)
+               for w in WORKLOADS for i in implementations}
     checked = [w for w in WORKLOADS if w != "build"]
-    for workload in checked:
-        if results[("ours", workload)]["digest"] != results[("reference", workload)]["digest"]:
-            sys.exit(f"ours and the reference gave different ids on {workload}: a bug, not a speed-up")
+    for implementation in ("ours", *candidates):
+        for workload in checked:
+            if results[(implementation, workload)]["digest"] != results[("reference", workload)]["digest"]:
+                sys.exit(f"{implementation} and the reference gave different ids on {workload}: a bug, not a speed-up")
     same_as_open_clip = all(results[("open_clip", w)]["digest"] == results[("ours", w)]["digest"] for w in checked)
 
     def rate(i: str, w: str) -> float:
         return results[(i, w)]["items"] / results[(i, w)]["seconds"]
 
+    # (label, figure of an implementation, whether higher is better)
+    figures = [
+        ("prompts (prompts/s)", lambda i: rate(i, "prompts"), True),
+        ("captions (texts/s)", lambda i: rate(i, "captions"), True),
+        ("messy (texts/s)", lambda i: rate(i, "messy"), True),
+        ("single, first call (us)", lambda i: results[(i, "single")]["first_call"] * 1e6, False),
+        ("single, per call (us)", lambda i: results[(i, "single")]["per_call"] * 1e6, False),
+        (f"one {args.long_word:,}-letter word (ms)", lambda i: results[(i, "long")]["seconds"] * 1e3, False),
+        ("build the tokenizer (ms)", lambda i: results[(i, "build")]["seconds"] * 1e3, False),
+    ]
     rows = []
-    for workload, unit in (("prompts", "prompts/s"), ("captions", "texts/s"), ("messy", "texts/s")):
-        ours, theirs, ref = rate("ours", workload), rate("open_clip", workload), rate("reference", workload)
-        rows.append([f"{workload} ({unit})", f"{ours:,.0f}", f"{theirs:,.0f}", f"{ref:,.0f}",
-                     f"{ours / theirs:.1f}x", f"{ours / ref:.1f}x"])
-    for label, key in (("single, first call (us)", "first_call"), ("single, per call (us)", "per_call")):
-        values = [results[(i, "single")][key] * 1e6 for i in IMPLEMENTATIONS]
-        rows.append([label] + [f"{v:,.0f}" for v in values] + [f"{values[1] / values[0]:.1f}x",
-                                                                f"{values[2] / values[0]:.1f}x"])
-    values = [results[(i, "build")]["seconds"] * 1e3 for i in IMPLEMENTATIONS]
-    rows.append(["build the tokenizer (ms)"] + [f"{v:,.0f}" for v in values]
-                + [f"{values[1] / values[0]:.1f}x", f"{values[2] / values[0]:.1f}x"])
+    for label, figure, higher_is_better in figures:
+        values = {i: figure(i) for i in implementations}
+
+        def speed_up(other: str) -> str:
+            ratio = values["ours"] / values[other] if higher_is_better else values[other] / values["ours"]
+            return f"{ratio:.1f}x"
+
+        rows.append([label] + [f"{values[i]:,.0f}" for i in implementations]
+                    + [speed_up("open_clip"), speed_up("reference")])
     print()
-    print(table(["workload", "ours", "open_clip", "reference", "speed-up vs open_clip", "vs reference"], rows))
+    print(table(["workload", *implementations, "speed-up vs open_clip", "vs reference"], rows))
     print(f"\nids: ours == reference on every workload; open_clip gives {'the same' if same_as_open_clip else 'other'}"
           f" ids. Best of {args.repeat} fresh processes per figure.")
 

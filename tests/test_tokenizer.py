@@ -12,9 +12,12 @@ import json
 import math
 import os
 import pathlib
+import random
+import string
 import subprocess
 import sys
 import textwrap
+import time
 
 import ftfy
 import pytest
@@ -23,6 +26,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from clip import _bpe, _cleaning
 from clip import simple_tokenizer as tk
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,21 +68,7 @@ class ReferenceTokenizer:
     def bpe(self, token):
         if token in self.memo:
             return self.memo[token]
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        while len(word) > 1:
-            pair = min(set(zip(word, word[1:])), key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        self.memo[token] = " ".join(word)
+        self.memo[token] = " ".join(reference_merge(list(token[:-1]) + [token[-1] + "</w>"], self.ranks))
         return self.memo[token]
 
     def words(self, text):
@@ -97,21 +87,44 @@ class ReferenceTokenizer:
 
     def tokenize(self, texts, context_length=77, truncate=False):
         texts = [texts] if isinstance(texts, str) else texts
-        result = torch.zeros(len(texts), context_length, dtype=torch.int32)
-        for row, text in enumerate(texts):
-            ids = [SOT] + self.encode(text) + [EOT]
-            if len(ids) > context_length:
-                if not truncate:
-                    raise RuntimeError(f"Input {text} is too long for context length {context_length}")
-                ids = ids[:context_length]
-                ids[-1] = EOT
-            result[row, : len(ids)] = torch.tensor(ids)
-        return result
+        rows = []
+        for text in texts:
+            ids = self.encode(text)
+            if len(ids) + 2 > context_length and not truncate:
+                raise RuntimeError(f"Input {text} is too long for context length {context_length}")
+            rows.append(token_row(ids, context_length))
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(texts), context_length)  # [] gives [0, length]
+
+
+def reference_merge(word, ranks):
+    """The original's merge loop on a list of symbols and any rank table: repeatedly take the lowest-ranked adjacent
+    pair and merge all its occurrences, left to right, until no adjacent pair is a merge."""
+    while len(word) > 1:
+        pair = min(set(zip(word, word[1:])), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(word):
+            if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
+def token_row(ids, context_length=77):
+    """The original's row for a text's ids: <|startoftext|>, the ids, <|endoftext|>, zeros to ``context_length``;
+    cut to ``context_length`` ending with <|endoftext|> where the ids do not fit (``truncate=True``)."""
+    row = [SOT, *ids[: context_length - 2], EOT]
+    return row + [0] * (context_length - len(row))
 
 
 @pytest.fixture(scope="session")
 def ftfy_unchanged():
-    unchanged = tk._ftfy_identity()
+    unchanged = _cleaning.ftfy_identity()
     if unchanged is None:  # then every text takes the full path, which the other tests cover
         pytest.skip(f"the non-ASCII shortcut is only for ftfy 6; this is ftfy {ftfy.__version__}")
     return unchanged
@@ -248,6 +261,156 @@ def test_bpe_and_tables_are_the_originals(tokenizer, reference):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Byte-pair merging: the list scan for short words, the heap for long ones, both exactly the original's loop
+
+LONG_WORD = 100_000  # characters: the word that took 51 s with the quadratic loop
+small_alphabets = st.sampled_from(["a", "e", "ab", "aa!", "th", "aeiou", "xyzq", "abcdefghijklmnopqrstuvwxyz",
+                                   "é", "éa", "日本", "абвгд", "😀a", "ﬁ1"])
+
+
+def _byte_symbols(tokenizer, word):
+    """A cleaned word as the merge step gets it: its UTF-8 bytes' stand-ins, ``</w>`` on the last."""
+    symbols = [tokenizer.byte_encoder[b] for b in word.encode("utf-8")]
+    symbols[-1] += "</w>"
+    return symbols
+
+
+@st.composite
+def words_from(draw, alphabet, max_size):
+    return draw(st.text(st.sampled_from(alphabet), min_size=1, max_size=max_size))
+
+
+@st.composite
+def repetitive_words(draw, max_size):
+    """Long runs of one or two characters, and random words from a small alphabet."""
+    alphabet = draw(small_alphabets)
+    if draw(st.booleans()):
+        return draw(words_from(alphabet, max_size))
+    runs = draw(st.lists(st.tuples(st.sampled_from(alphabet), st.integers(1, max_size // 4)), min_size=1, max_size=4))
+    return "".join(c * n for c, n in runs)
+
+
+@st.composite
+def toy_merges(draw):
+    """A small rank table over "abc" (a pair is a split of a string of 2 to 5 letters), and a word of its letters.
+
+    Unlike CLIP's vocabulary, a symbol may come from several merges, and a pair may rank below a merge that makes
+    one of its symbols: the cases where the heap must hold back the pairs a round creates.
+    """
+    strings = draw(st.lists(st.text("abc", min_size=2, max_size=5), min_size=1, max_size=30))
+    pairs = [(s[:k], s[k:]) for s in strings for k in [draw(st.integers(1, len(s) - 1))]]
+    ranks = {}
+    for pair in pairs:
+        ranks.setdefault(pair, len(ranks))
+    word = list(draw(st.text("abc", min_size=1, max_size=40)))
+    return word, ranks
+
+
+@settings(max_examples=1000, deadline=None)
+@given(toy_merges())
+@example((list("aaaa"), {("a", "a"): 0}))
+@example((list("aaaaa"), {("a", "a"): 0, ("aa", "a"): 1, ("aa", "aa"): 2}))
+def test_heap_merges_as_the_original_on_any_rank_table(case):
+    word, ranks = case
+    expected = reference_merge(word, ranks)
+    assert _bpe.merge_by_heap(word, ranks) == expected
+    assert _bpe.merge_by_scan(word, ranks) == expected
+
+
+def test_overlapping_occurrences_merge_left_to_right():
+    ranks = {("a", "a"): 0}
+    for n in range(1, 12):
+        assert _bpe.merge_by_heap(["a"] * n, ranks) == ["aa"] * (n // 2) + ["a"] * (n % 2), n
+    ranks = {("a", "a"): 0, ("aa", "a"): 1}  # "aaa": (a, a) first, so "aa a" and then "aaa"
+    assert _bpe.merge_by_heap(list("aaa"), ranks) == ["aaa"] == reference_merge(list("aaa"), ranks)
+    assert _bpe.merge_by_heap(list("aaaaa"), ranks) == ["aa", "aaa"] == reference_merge(list("aaaaa"), ranks)
+
+
+def test_a_pair_a_round_creates_waits_for_the_next_round():
+    """(abc, a) ranks below (a, bc), which makes it: the original merges every (a, bc) first."""
+    ranks = {("abc", "a"): 0, ("a", "bc"): 1}
+    word = ["a", "bc", "a", "bc"]
+    assert reference_merge(word, ranks) == ["abc", "abc"]
+    assert _bpe.merge_by_heap(word, ranks) == ["abc", "abc"]  # not ["abca", "bc"]
+
+
+@PROPERTY
+@given(repetitive_words(max_size=400))
+@example("a" * 300)
+@example("ab" * 150)
+@example("é" * 200)
+def test_heap_and_scan_merge_as_the_original_on_the_vocabulary(tokenizer, reference, word):
+    symbols = _byte_symbols(tokenizer, word)
+    expected = reference_merge(symbols, reference.ranks)
+    assert _bpe.merge_by_heap(symbols, tokenizer.bpe_ranks) == expected
+    assert _bpe.merge_by_scan(symbols, tokenizer.bpe_ranks) == expected
+    assert symbols == _byte_symbols(tokenizer, word)  # the caller's list is left alone
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(repetitive_words(max_size=3000), min_size=1, max_size=3).map(" ".join))
+@example("a" * 3000 + " " + "ab" * 1500)
+def test_long_repetitive_words_encode_as_the_original(tokenizer, reference, text):
+    if not _encodable(text):
+        return
+    assert tokenizer.encode(text) == reference.encode(text)
+
+
+def _long_words():
+    rnd = random.Random(11)
+    # Lower-case letters of Latin-1, Greek, Cyrillic and CJK, which cleaning leaves alone: 2 or 3 bytes each
+    non_ascii_letters = [chr(c) for c in [*range(0xE0, 0x100), *range(0x3B1, 0x3CA), *range(0x430, 0x450),
+                                          *range(0x4E00, 0x4E80)] if chr(c).isalpha()]
+    return {
+        "one letter": "a" * LONG_WORD,
+        "two letters": "".join(rnd.choice("ab") for _ in range(LONG_WORD)),
+        "random letters": "".join(rnd.choice(string.ascii_lowercase) for _ in range(LONG_WORD)),
+        "random non-ASCII letters": "".join(rnd.choice(non_ascii_letters) for _ in range(LONG_WORD)),
+        "one non-ASCII letter": "é" * LONG_WORD,
+    }
+
+
+@pytest.mark.parametrize("kind", list(_long_words()))
+def test_a_100000_character_word_takes_under_a_second(tokenizer, reference, kind):
+    """The quadratic loop took 51 s to 3 minutes on the random words (measured once); the heap about 0.2 s."""
+    word = _long_words()[kind]
+    assert len(word) == LONG_WORD and reference.words(word) == [word]  # one word, as cleaning leaves it
+    for attempt in range(3):  # the best of three, so that a moment's contention on a shared runner is no failure
+        start = time.perf_counter()
+        ids = tokenizer.encode(word)
+        seconds = time.perf_counter() - start
+        if seconds < 1.0 or seconds > 5.0:  # a quadratic loop fails at once
+            break
+    assert seconds < 1.0, f"{kind}: {seconds:.1f} s"
+    assert tokenizer.decode(ids) == word + " "
+
+
+def test_one_letter_100000_times_gives_the_list_scans_ids(tokenizer, monkeypatch):
+    """A long word where the list scan is quick too (each round halves the word): both paths give the same ids."""
+    word = "a" * LONG_WORD
+    by_heap = tokenizer.encode(word)
+    monkeypatch.setattr(_bpe, "SCAN_LIMIT", math.inf)
+    assert tokenizer.encode(word) == by_heap
+
+
+def test_long_words_take_the_heap_and_short_ones_the_scan(vocab_path, monkeypatch):
+    calls = []
+    for name in ("merge_by_heap", "merge_by_scan"):
+        original = getattr(_bpe, name)
+        monkeypatch.setattr(_bpe, name, lambda symbols, ranks, f=original, n=name: calls.append(n) or f(symbols, ranks))
+    tokenizer = tk.SimpleTokenizer(str(vocab_path))
+    tokenizer.encode("a dog")
+    assert calls == ["merge_by_scan", "merge_by_scan"]
+    calls.clear()
+    tokenizer.encode("pneumonoultramicroscopicsilicovolcanoconiosis")
+    assert calls == ["merge_by_heap"]
+    calls.clear()
+    tokenizer.bpe("x" * (_bpe.SCAN_LIMIT + 1))
+    tokenizer.bpe("x" * _bpe.SCAN_LIMIT)
+    assert calls == ["merge_by_heap", "merge_by_scan"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Properties the issue names
 
 
@@ -307,10 +470,10 @@ def test_truncation_keeps_the_first_76_ids_and_ends_with_eot(tokenizer, text):
 @example("carriage\r\nreturn")
 @example("\x1b[31mred")
 def test_plain_text_is_left_unchanged_by_ftfy_and_unescape(text):
-    if tk._is_plain(text):
+    if _cleaning.is_plain(text):
         assert ftfy.fix_text(text) == text
         assert html.unescape(text) == text
-    assert tk._chunks(text) == [c for c in ReferenceTokenizer.clean(text).split(" ") if c]
+    assert _cleaning.chunks(text) == [c for c in ReferenceTokenizer.clean(text).split(" ") if c]
 
 
 @settings(max_examples=1500, deadline=None)
@@ -342,9 +505,9 @@ def test_fast_paths_are_taken_where_they_should_be(ftfy_unchanged):
 
 
 def test_fast_path_is_taken_for_plain_text_only():
-    assert tk._is_plain("a photo of a dog.\tWith a tab\nand lines")
+    assert _cleaning.is_plain("a photo of a dog.\tWith a tab\nand lines")
     for text in ["a&b", "caf\u00e9", "\r\n", "bell\x07", "\x1b[0m", "del\x7f", "vt\x0b", "fs\x1c"]:
-        assert not tk._is_plain(text), repr(text)
+        assert not _cleaning.is_plain(text), repr(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
