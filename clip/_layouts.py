@@ -134,21 +134,20 @@ def _section(config: Mapping[str, Any], key: str, config_path: str) -> Mapping[s
     return value
 
 
-def _check_agreement(expected: Dict[str, Any], state_dict: StateDict, config_path: str, path: str) -> None:
+def _check_agreement(expected: Dict[str, Tuple[str, Any]], state_dict: StateDict, config_path: str,
+                     path: str) -> None:
     """Refuse weights whose sizes differ from those their configuration gives (a config the weights do not fit).
 
-    ``expected`` maps ``ModelDims`` fields (and ``vision_heads``) to the configuration's values.
+    ``expected`` maps ``ModelDims`` fields (and ``vision_heads``) to the configuration's option and value.
     """
     try:
         dims = dataclasses.asdict(infer_dims(state_dict))
     except StateDictError as e:
         raise CheckpointError(f"{path} is not a CLIP checkpoint: {e}") from None
-    if isinstance(dims["vision_layers"], list):
-        dims["vision_layers"] = tuple(dims["vision_layers"])
     if dims["vision_patch_size"] is not None:  # ViT heads; ResNet attention-pool heads are not configured
         dims["vision_heads"] = dims["vision_width"] // _HEAD_WIDTH
-    differences = [f"{name} {value!r} in the configuration, {dims[name]!r} in the weights"
-                   for name, value in expected.items() if name in dims and dims[name] != value]
+    differences = [f"{option}={value!r} where the weights have {dims[name]!r}"
+                   for name, (option, value) in expected.items() if name in dims and dims[name] != value]
     if differences:
         raise CheckpointError(f"{config_path} does not describe the weights beside it: {'; '.join(differences)}. "
                               f"Fix the configuration or the weights; a model is not loaded from a mismatched pair")
@@ -339,7 +338,8 @@ _OPEN_CLIP_TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 
 _OPEN_CLIP_EMBED_DIM = 512
 
 
-def _check_open_clip_config(model_cfg: Mapping[str, Any], config_path: str, folder: str) -> Dict[str, Any]:
+def _check_open_clip_config(model_cfg: Mapping[str, Any], config_path: str,
+                            folder: str) -> Dict[str, Tuple[str, Any]]:
     """Refuse an open_clip model_cfg that clip's model does not compute exactly; return the sizes it gives, as
     ``ModelDims`` fields, for :func:`_check_agreement`."""
     sections = {name: _section(model_cfg, name, config_path) for name in ("vision_cfg", "text_cfg")}
@@ -352,7 +352,7 @@ def _check_open_clip_config(model_cfg: Mapping[str, Any], config_path: str, fold
     if "multimodal_cfg" in model_cfg:
         problems.append("a multimodal text decoder (CoCa)")
     expected = _open_clip_sizes(model_cfg, sections["vision_cfg"], sections["text_cfg"], config_path)
-    width, heads = expected["transformer_width"], expected["transformer_heads"]
+    width, heads = expected["transformer_width"][1], expected["transformer_heads"][1]
     if heads != width // _HEAD_WIDTH:
         problems.append(f"{heads} text attention heads for width {width}, where clip's model uses "
                         f"width // 64 = {width // _HEAD_WIDTH} heads (text_cfg.heads={heads})")
@@ -364,8 +364,8 @@ def _check_open_clip_config(model_cfg: Mapping[str, Any], config_path: str, fold
 
 
 def _open_clip_sizes(model_cfg: Mapping[str, Any], vision: Mapping[str, Any], text: Mapping[str, Any],
-                     config_path: str) -> Dict[str, Any]:
-    """The sizes an open_clip model_cfg gives, checked for type, as ``ModelDims`` fields."""
+                     config_path: str) -> Dict[str, Tuple[str, Any]]:
+    """The sizes an open_clip model_cfg gives, checked for type: ``{ModelDims field: (option, value)}``."""
     layers = vision.get("layers", _OPEN_CLIP_VISION_DEFAULTS["layers"])
     resnet = isinstance(layers, (list, tuple))
     _expect(type(layers) is int and layers >= 0 or resnet and len(layers) == 4
@@ -377,21 +377,22 @@ def _open_clip_sizes(model_cfg: Mapping[str, Any], vision: Mapping[str, Any], te
     _expect(type(image_size) is int and image_size > 0, config_path, "vision_cfg.image_size", image_size,
             "a positive integer (or a square [height, width])")
     sizes = {
-        "embed_dim": _positive_int(model_cfg, "embed_dim", _OPEN_CLIP_EMBED_DIM, config_path, ""),
-        "image_resolution": image_size,
-        "vision_layers": tuple(layers) if resnet else layers,
-        "vision_width": _positive_int(vision, "width", _OPEN_CLIP_VISION_DEFAULTS["width"], config_path,
-                                      "vision_cfg."),
-        "vision_patch_size": None if resnet else _positive_int(
-            vision, "patch_size", _OPEN_CLIP_VISION_DEFAULTS["patch_size"], config_path, "vision_cfg."),
+        "embed_dim": ("embed_dim", _positive_int(model_cfg, "embed_dim", _OPEN_CLIP_EMBED_DIM, config_path, "")),
+        "image_resolution": ("vision_cfg.image_size", image_size),
+        "vision_layers": ("vision_cfg.layers", tuple(layers) if resnet else layers),
+        "vision_width": ("vision_cfg.width", _positive_int(vision, "width", _OPEN_CLIP_VISION_DEFAULTS["width"],
+                                                           config_path, "vision_cfg.")),
+        "vision_patch_size": ("vision_cfg.patch_size", None if resnet else _positive_int(
+            vision, "patch_size", _OPEN_CLIP_VISION_DEFAULTS["patch_size"], config_path, "vision_cfg.")),
     }
     for field, option in (("context_length", "context_length"), ("vocab_size", "vocab_size"),
                           ("transformer_width", "width"), ("transformer_heads", "heads")):
-        sizes[field] = _positive_int(text, option, _OPEN_CLIP_TEXT_DEFAULTS[option], config_path, "text_cfg.")
+        value = _positive_int(text, option, _OPEN_CLIP_TEXT_DEFAULTS[option], config_path, "text_cfg.")
+        sizes[field] = (f"text_cfg.{option}", value)
     text_layers = text.get("layers", _OPEN_CLIP_TEXT_DEFAULTS["layers"])
     _expect(type(text_layers) is int and text_layers >= 0, config_path, "text_cfg.layers", text_layers,
             "an integer")
-    sizes["transformer_layers"] = text_layers
+    sizes["transformer_layers"] = ("text_cfg.layers", text_layers)
     return sizes
 
 
@@ -521,7 +522,7 @@ _HF_SIZES = (
 )
 
 
-def _check_hf_config(config: Mapping[str, Any], config_path: str) -> Dict[str, Any]:
+def _check_hf_config(config: Mapping[str, Any], config_path: str) -> Dict[str, Tuple[str, Any]]:
     """Refuse a Hugging Face configuration that ``clip.model.CLIP`` would not compute exactly; return the sizes it
     gives, as ``ModelDims`` fields, for :func:`_check_agreement`."""
     model_type = config.get("model_type")
@@ -532,22 +533,25 @@ def _check_hf_config(config: Mapping[str, Any], config_path: str) -> Dict[str, A
         raise CheckpointError(f"{config_path} describes a Hugging Face model of type {reprlib.repr(model_type)}; "
                               f"only 'clip' (CLIPModel) checkpoints of the OpenAI architecture are supported")
     problems: List[str] = []
-    towers = {}
+    towers, sections = {}, {}
     for tower, defaults in _HF_TOWER_DEFAULTS.items():
         # Configs written by older transformers versions may keep the towers under "<tower>_config_dict".
         key = f"{tower}_config" if config.get(f"{tower}_config") else f"{tower}_config_dict"
         options = {**defaults, **_section(config, key, config_path)}
         for option in defaults:
             _positive_int(options, option, None, config_path, f"{key}.")
-        towers[tower] = options
+        towers[tower], sections[tower] = options, key
         problems.extend(_hf_tower_problems(tower, options))
     if problems:
         raise CheckpointError(f"{config_path} describes a CLIP model that clip's model does not compute exactly: "
                               f"{'; '.join(problems)}. Load it with transformers instead")
-    sizes = {field: towers[tower][option] for field, tower, option in _HF_SIZES}
-    patches = towers["vision"]["image_size"] // towers["vision"]["patch_size"]
-    sizes["image_resolution"] = patches * towers["vision"]["patch_size"]  # the model sees whole patches only
-    sizes["embed_dim"] = _positive_int(config, "projection_dim", _HF_PROJECTION_DIM, config_path, "")
+    sizes = {field: (f"{sections[tower]}.{option}", towers[tower][option]) for field, tower, option in _HF_SIZES}
+    vision = towers["vision"]
+    # The model sees whole patches only: the image size rounded down to a multiple of the patch size.
+    sizes["image_resolution"] = (f"{sections['vision']}.image_size",
+                                 vision["image_size"] // vision["patch_size"] * vision["patch_size"])
+    sizes["embed_dim"] = ("projection_dim",
+                          _positive_int(config, "projection_dim", _HF_PROJECTION_DIM, config_path, ""))
     return sizes
 
 

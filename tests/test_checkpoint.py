@@ -167,3 +167,45 @@ def test_a_dict_without_tensors(tmp_path):
     torch.save({"epoch": 3, "lr": 0.1}, path)
     with pytest.raises(CheckpointError, match="config.pt holds a dict without tensors"):
         read_state_dict(str(path))
+
+
+def test_build_model_errors_are_caught_as_the_originals_were():
+    """The original raised KeyError for a dict without the keys it reads, RuntimeError from load_state_dict for
+    keys or shapes that do not fit; code that catches those catches ours, whose message is not quoted."""
+    from clip.model import StateDictError, build_model
+
+    foreign = {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}
+    with pytest.raises(KeyError) as info:
+        build_model(foreign)
+    assert isinstance(info.value, StateDictError) and str(info.value).startswith("not a CLIP state dict")
+    extra = dict(random_state_dict(TINY_VIT), **{"visual.extra.weight": torch.zeros(2)})
+    with pytest.raises(RuntimeError, match=r"unexpected keys \(1\): visual.extra.weight"):
+        build_model(extra)
+    wrong = dict(random_state_dict(TINY_VIT), **{"visual.ln_pre.weight": torch.zeros(63)})
+    with pytest.raises(RuntimeError, match=r"shape of visual.ln_pre.weight"):
+        build_model(wrong)
+    with pytest.raises(ValueError):
+        build_model(wrong)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_build_model_returns_a_cpu_model_from_tensors_elsewhere():
+    from clip.model import build_model
+
+    state_dict = {k: v.cuda() for k, v in random_state_dict(TINY_VIT).items()}
+    model = build_model(state_dict)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_a_bug_of_ours_while_unpickling_is_not_blamed_on_the_file(tmp_path, monkeypatch):
+    """Errors that our own rebuild functions raise surface as they are; only the file's faults are CheckpointErrors."""
+    from clip import _checkpoint
+
+    path = save_archive(tmp_path / "model.pt", random_state_dict(TINY_VIT))
+
+    def broken(*args):
+        raise TypeError("a bug in the rebuild function")
+
+    monkeypatch.setattr(_checkpoint, "_rebuild_tensor", broken)
+    with pytest.raises(TypeError, match="a bug in the rebuild function"):
+        read_state_dict(path)
