@@ -125,10 +125,22 @@ class ImageFiles:
 
 
 def _collate_readable(items: List[Tuple[int, Any, Optional[str]]]) -> Tuple[List[int], Any, List[Tuple[int, str]]]:
-    """Batch the readable images of ``items``: (their indices, stacked tensor or None, [(index, error)])."""
+    """Batch the readable images of ``items``: (their indices, stacked tensor or None, [(index, error)]).
+
+    In a worker process the batch is stacked straight into shared memory, as torch's default collate does, so that
+    handing it to the main process copies nothing.
+    """
+    from torch.utils.data import get_worker_info
+
     good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
     failures = [(index, error) for index, tensor, error in items if tensor is None]
-    batch = torch.stack([tensor for _, tensor in good]) if good else None  # [batch, 3, n_px, n_px]
+    batch = None
+    if good:
+        tensors = [tensor for _, tensor in good]
+        out = None
+        if get_worker_info() is not None:
+            out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
+        batch = torch.stack(tensors, out=out)  # [batch, 3, n_px, n_px]
     return [index for index, _ in good], batch, failures
 
 

@@ -562,3 +562,331 @@ def test_embed_bad_inputs(capsys, checkpoint, tmp_path):
 def test_embed_unknown_model(capsys, folder, tmp_path):
     code, _, err = run(capsys, "embed", folder, "-o", tmp_path / "x.npy", "--model", "RN5O")
     assert code == 1 and err.startswith("clip: error: Model RN5O not found.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A torch-free start for the commands that run no model
+
+
+def _without_torch(tmp_path) -> dict:
+    """An environment in which ``import torch`` and ``import torchvision`` fail."""
+    blocker = tmp_path / "no-torch"
+    for name in ("torch", "torchvision"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden from this test')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
+
+
+def test_commands_that_run_no_model_start_without_torch(tmp_path):
+    env = _without_torch(tmp_path)
+    np.save(tmp_path / "f.shard-0-of-2.npy", np.ones((1, 4), np.float32))
+    np.save(tmp_path / "f.shard-1-of-2.npy", np.zeros((2, 4), np.float32))
+    (tmp_path / "f.shard-0-of-2.txt").write_text("a\n")
+    (tmp_path / "f.shard-1-of-2.txt").write_text("b\nc\n")
+    for argv in (["--help"], ["models", "--download-root", tmp_path], ["verify", "--download-root", tmp_path],
+                 ["download", "--help"], ["embed", "--help"], ["merge", tmp_path / "f.npy"], ["--version"]):
+        result = subprocess.run([sys.executable, "-m", "clip", *map(str, argv)], capture_output=True, text=True,
+                                cwd=REPO, env=env, timeout=120)
+        assert result.returncode == 0, (argv, result.stderr)
+    assert (tmp_path / "f.txt").read_text() == "a\nb\nc\n"
+    # The check itself holds: a command that runs a model does need torch.
+    result = subprocess.run([sys.executable, "-m", "clip", "classify", REPO / "README.md", "--labels", "x"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode != 0 and "torch is hidden from this test" in result.stderr
+
+
+def test_import_clip_is_lazy_and_keeps_the_original_names():
+    code = ("import sys, clip; assert 'torch' not in sys.modules; "
+            "from clip import load, tokenize, available_models; import clip.clip, clip.model; "
+            "assert clip.load is clip.clip.load and clip.model.build_model and clip.simple_tokenizer.SimpleTokenizer; "
+            "assert set(dir(clip)) >= {'load', 'tokenize', 'available_models', 'clip', 'model', '__version__'}; "
+            "print(clip.__version__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == clip.__version__
+
+
+def test_overwritten_package_names_the_culprit_and_the_repair(tmp_path):
+    """Another distribution wrote its own clip/__init__.py over ours: the command says so, and how to repair it."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "clip", site / "clip", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "clip" / "__init__.py").write_text("from .clip import *\n")  # what clip-anytorch installs
+    info = site / "clip_anytorch-2.6.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: clip-anytorch\nVersion: 2.6.0\n")
+    (info / "RECORD").write_text("clip/__init__.py,,\nclip/clip.py,,\nclip/model.py,,\n")
+    result = subprocess.run([sys.executable, "-c", "import sys; from clip._cli import main; sys.exit(main(['models']))"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(site)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"clip: error: the files of the clip package in {site / 'clip'} were overwritten "
+                                    "by clip-anytorch 2.6.0")
+    assert "Repair it with: pip install --no-deps --force-reinstall clip-dropin" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+def _progress_model(monkeypatch, marker: str = "<encode>"):
+    """clip.load, with encode_image writing ``marker`` to stderr: where it falls among the bar's redraws."""
+    from clip import _console
+
+    monkeypatch.setattr(_console, "PROGRESS_INTERVAL", 0)
+    real_load = clip.clip.load
+
+    def load(*args, **kwargs):
+        model, preprocess = real_load(*args, **kwargs)
+        encode = model.encode_image
+
+        def encode_image(image):
+            sys.stderr.write(marker)
+            return encode(image)
+
+        model.encode_image = encode_image
+        return model, preprocess
+
+    monkeypatch.setattr(clip.clip, "load", load)
+
+
+def test_embed_progress_counts_embedded_rows(capsys, monkeypatch, checkpoint, folder, tmp_path):
+    _progress_model(monkeypatch)
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "f.npy", "--progress")
+    assert code == 0, err
+    # Six inputs in batches of two; each batch is counted only after the model has embedded it.
+    before_first_encode = err.split("<encode>")[0]
+    assert "0/6" in before_first_encode and "2/6" not in before_first_encode
+    counts = [int(n) for n in __import__("re").findall(r"(\d)/6 \[", err)]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert "image/s" in err or "s/image" in err  # the rate, and the time left beside it
+    assert "5 images embedded" in err
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"]])
+def test_embed_progress_is_quiet_when_asked_or_not_on_a_terminal(capsys, checkpoint, folder, tmp_path, flags):
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "f.npy", *flags)  # capsys: stderr is no terminal
+    assert code == 0 and "/6" not in err and "\r" not in err
+
+
+def test_classify_progress_bar(capsys, monkeypatch, checkpoint, folder):
+    _progress_model(monkeypatch)
+    code, _, err = run(capsys, "classify", folder, "--labels", "dog", "-m", checkpoint, "--device", "cpu",
+                       "--batch-size", "2", "--progress")
+    assert code == 1  # the broken image
+    assert "0/6" in err.split("<encode>")[0] and "6/6" in err
+    code, _, err = run(capsys, "classify", folder, "--labels", "dog", "-m", checkpoint, "--device", "cpu", "-q")
+    assert "/6" not in err
+
+
+def test_one_image_embedded_is_singular(capsys, checkpoint, tmp_path):
+    _image(tmp_path / "one" / "a.png", "red")
+    code, _, err = _embed(capsys, checkpoint, tmp_path / "one", tmp_path / "f.npy")
+    assert code == 0 and "1 image embedded" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed: decoding overlaps the model, batches travel through shared memory
+
+
+def test_default_workers_decode_in_another_process(tmp_path):
+    from clip import _embed
+
+    assert _embed.default_workers(torch.device("cpu")) >= 1
+    paths = [str(_image(tmp_path / f"{i}.png", "red")) for i in range(4)]
+    batches = list(_embed.image_batches(paths, _record_pid_and_tensor, 2, _embed.default_workers(torch.device("cpu"))))
+    assert [indices for indices, _, _ in batches] == [[0, 1], [2, 3]]
+    pids = {int(value) for _, batch, _ in batches for value in batch[:, 0, 0, 0]}
+    assert os.getpid() not in pids  # decoded by a worker, while the main process runs the model
+
+
+def test_workers_stack_batches_into_shared_memory(tmp_path):
+    """A batch made in a worker is stacked straight into shared memory, so sending it copies nothing more."""
+    from torch.utils.data import DataLoader
+
+    from clip import _embed
+
+    paths = [str(_image(tmp_path / f"{i}.png", "red")) for i in range(4)]
+    loader = DataLoader(_embed.ImageFiles(paths, _record_pid_and_tensor), batch_size=2, num_workers=1,
+                        collate_fn=_collate_in_shared_memory)
+    assert list(loader) == [True, True]
+
+
+def _collate_in_shared_memory(items) -> bool:
+    from clip import _embed
+
+    return _embed._collate_readable(items)[1].is_shared()  # asked inside the worker, before sending
+
+
+def _record_pid_and_tensor(image):
+    return torch.full((3, 2, 2), float(os.getpid()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row lists: every text and file name round-trips; outputs checked before the work
+
+
+SEPARATORS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r", "\x1b[31m", "\\", "\\x41"]
+
+
+def test_row_list_round_trips_every_separator_in_texts(capsys, checkpoint, tmp_path):
+    texts = [f"before{sep}after" for sep in SEPARATORS]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8", newline="")
+    assert _embed(capsys, checkpoint, source, tmp_path / "whole.npy")[0] == 0
+    from clip._outputs import read_rows
+
+    rows = read_rows(str(tmp_path / "whole.txt"))
+    # Reading the input splits at "\n" and "\r" only (universal newlines); every other separator stays in its text.
+    split = SEPARATORS.index("\r")
+    assert rows == texts[:split] + ["before", "after"] + texts[split + 1:]
+    assert len(rows) == len(np.load(tmp_path / "whole.npy"))
+    for index in range(3):
+        assert _embed(capsys, checkpoint, source, tmp_path / "s.npy", "--shard", f"{index}/3")[0] == 0
+    code, _, err = run(capsys, "merge", tmp_path / "s.npy")
+    assert code == 0, err
+    assert (tmp_path / "s.txt").read_bytes() == (tmp_path / "whole.txt").read_bytes()
+    assert len((tmp_path / "whole.txt").read_text(encoding="utf-8").splitlines()) == len(rows)  # one line per row
+
+
+def test_row_list_round_trips_file_names_with_separators_and_bad_bytes(capsys, checkpoint, reference, tmp_path):
+    root = tmp_path / "odd"
+    names = [f"x{sep}y.png" for sep in SEPARATORS if sep != "\\x41"] + ["plain.png"]
+    for i, name in enumerate(names):
+        _image(root / name, ["red", "blue", "green"][i % 3])
+    raw = os.fsencode(str(root)) + b"/\xff\xfe-latin.png"  # a name that is not UTF-8
+    Image.new("RGB", (20, 20), "white").save(raw.decode("utf-8", "surrogateescape"), format="PNG")
+    code, _, err = _embed(capsys, checkpoint, root, tmp_path / "whole.npy")
+    assert code == 0, err
+    from clip._outputs import read_rows
+
+    rows = read_rows(str(tmp_path / "whole.txt"))
+    assert sorted(rows) == sorted(names + ["\udcff\udcfe-latin.png"])
+    np.testing.assert_allclose(np.load(tmp_path / "whole.npy"), _image_features(reference, [root / r for r in rows]),
+                               atol=1e-5)
+    for index in range(2):
+        assert _embed(capsys, checkpoint, root, tmp_path / "s.npy", "--shard", f"{index}/2")[0] == 0
+    assert run(capsys, "merge", tmp_path / "s.npy")[0] == 0
+    assert read_rows(str(tmp_path / "s.txt")) == rows
+
+
+def test_row_format_round_trips_any_text():
+    from hypothesis import given, settings, strategies as st
+
+    from clip._outputs import decode_row, encode_row, format_rows
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.characters(codec=None, exclude_categories=())))
+    def check(text):
+        line = encode_row(text)
+        assert decode_row(line) == text
+        assert len(format_rows([text]).decode("utf-8").splitlines()) == 1
+
+    check()
+
+
+def test_embed_refuses_to_overwrite_either_output(capsys, checkpoint, folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(clip.clip, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("my labels\n")
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "labels.npy")
+    assert code == 1 and err.startswith(f"clip: error: {labels} exists but {tmp_path / 'labels.npy'} does not")
+    assert "--overwrite" in err and labels.read_text() == "my labels\n"
+    np.save(tmp_path / "alone.npy", np.zeros((1, 2), np.float32))
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "alone.npy")
+    assert code == 1 and "alone.npy exists but" in err
+
+
+def test_embed_output_that_is_a_folder_or_cannot_be_made(capsys, checkpoint, folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(clip.clip, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    (tmp_path / "dir.npy").mkdir()
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "dir.npy")
+    assert code == 1 and err.startswith(f"clip: error: --output: {tmp_path / 'dir.npy'} is a folder")
+    (tmp_path / "file").write_text("")
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "file" / "x.npy")
+    assert code == 1 and err.startswith(f"clip: error: cannot write the output into {tmp_path / 'file'}")
+    assert err.count("\n") == 1
+
+
+def test_embed_into_a_read_only_folder_fails_before_the_work(tmp_path, folder):
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("as root, needs setpriv to give up the capabilities that ignore permissions")
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"] if os.geteuid() == 0 else []
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    try:
+        result = subprocess.run(prefix + [sys.executable, "-m", "clip", "embed", str(folder), "-o",
+                                          str(locked / "f.npy"), "--model", str(tmp_path / "absent.pt")],
+                                capture_output=True, text=True, cwd=REPO, timeout=120,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        os.chmod(locked, 0o755)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"clip: error: cannot write the output into {locked}: Permission denied")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Special files, hostile names, broken shards
+
+
+@pytest.fixture
+def alarm():
+    """Fail a test that blocks (a FIFO read) instead of hanging the suite."""
+    import signal
+
+    def expired(*_):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_named_like_an_image_is_skipped(capsys, alarm, checkpoint, folder, tmp_path):
+    os.mkfifo(folder / "x.png")
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "f.npy")
+    assert code == 0 and f"skipping {folder / 'x.png'}: not a regular file" in err
+    assert "x.png" not in (tmp_path / "f.txt").read_text()
+    code, out, err = run(capsys, "classify", folder / "x.png", folder / "b.png", "--labels", "a", "b", "-m",
+                         checkpoint, "--device", "cpu", "--json")
+    assert code == 1 and "not a regular file" in json.loads(out)[0]["error"]
+
+
+def test_classify_prints_hostile_names_safely(capsys, checkpoint, tmp_path):
+    name = "evil\x1b[2J\nforged.png\n  99.99%  a dog.png"
+    _image(tmp_path / name, "red")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\x1b]0;title\x07\ndog\n")
+    code, out, err = run(capsys, "classify", tmp_path / name, "--labels-file", labels, "-m", checkpoint,
+                         "--device", "cpu")
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[0] == str(tmp_path / name).replace("\x1b", "\\x1b").replace("\n", "\\x0a")
+    code, out, _ = run(capsys, "classify", tmp_path / name, "--labels-file", labels, "-m", checkpoint,
+                       "--device", "cpu", "--json")
+    assert "\x1b" not in out and json.loads(out)[0]["image"] == str(tmp_path / name)
+
+
+@pytest.mark.parametrize("damage", ["width", "truncated", "not-utf8", "escape", "not-a-matrix"])
+def test_merge_of_broken_shards_is_one_error_line(capsys, tmp_path, damage):
+    for index, rows in enumerate([["a"], ["b", "c"]]):
+        np.save(tmp_path / f"m.shard-{index}-of-2.npy", np.ones((len(rows), 4), np.float32))
+        (tmp_path / f"m.shard-{index}-of-2.txt").write_text("".join(r + "\n" for r in rows))
+    shard = tmp_path / "m.shard-1-of-2.npy"
+    if damage == "width":
+        np.save(shard, np.ones((2, 8), np.float32))
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-5])
+    elif damage == "not-a-matrix":
+        np.save(shard, np.ones(2, np.float32))
+    elif damage == "not-utf8":
+        (tmp_path / "m.shard-1-of-2.txt").write_bytes(b"b\n\xff\n")
+    else:
+        (tmp_path / "m.shard-1-of-2.txt").write_text("b\\q\nc\n")
+    code, _, err = run(capsys, "merge", tmp_path / "m.npy")
+    assert code == 1 and err.startswith("clip: error: ") and err.count("\n") == 1 and "m.shard-1-of-2" in err
+    assert not (tmp_path / "m.npy").exists()
