@@ -7,7 +7,7 @@ import dataclasses
 import math
 import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -195,10 +195,7 @@ class ResidualAttentionBlock(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.attn_mask
         if mask is not None:
-            length = x.shape[0]
-            # A causal mask's top-left corner is the causal mask of a shorter sequence, so any length up to the
-            # context length works (the text path runs trimmed sequences; clients call the transformer directly).
-            mask = mask[:length, :length].to(dtype=x.dtype, device=x.device)
+            mask = _mask_for(mask, x)
         return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +257,18 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """Contrastive image-text model: an image encoder, a causal text transformer and a learned temperature."""
+    """Contrastive image-text model: an image encoder, a causal text transformer and a learned temperature.
+
+    Attributes
+    ----------
+    trim_text : bool
+        ``True`` (the default) lets ``encode_text`` run each row only up to its end-of-text token when it can prove
+        that this computes the same features (see ``encode_text``). Set it to ``False`` to always run all
+        ``context_length`` positions, as the original does: for code that patches torch functions other than those
+        the check knows, and that must see the full shapes.
+    """
+
+    trim_text: bool = True
 
     def __init__(self,
                  embed_dim: int,
@@ -299,15 +307,11 @@ class CLIP(nn.Module):
                 output_dim=embed_dim,
             )
 
-        # The text fast path (encode_text) is exact only while every block uses this very mask, unchanged; the
-        # private copy tells an in-place change.
-        self._causal_mask = self.build_attention_mask()
-        self._causal_mask_copy = self._causal_mask.clone()
         self.transformer = Transformer(
             width=transformer_width,
             layers=transformer_layers,
             heads=transformer_heads,
-            attn_mask=self._causal_mask,
+            attn_mask=self.build_attention_mask(),
         )
 
         self.vocab_size = vocab_size
@@ -353,8 +357,9 @@ class CLIP(nn.Module):
 
     def build_attention_mask(self) -> torch.Tensor:
         """The causal additive mask: -inf above the diagonal, so a position never attends to later ones."""
-        # Always a real CPU tensor, also while the model is being built on the meta device; blocks move it to
-        # the activations' device and dtype when they use it.
+        # Always a real CPU tensor, also while the model is being built on the meta device: every text block holds
+        # it as ``attn_mask``, and a CPU mask can be checked for causality without a device sync. The blocks run
+        # with a copy on the activations' device and dtype, made once (_mask_for).
         mask = torch.full((self.context_length, self.context_length), float("-inf"), device="cpu")
         return mask.triu_(1)
 
@@ -368,38 +373,88 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Text features: the transformer output at each row's end-of-text token, projected.
 
-        The causal mask means the end-of-text position never sees later positions, so the transformer runs only
-        up to the longest end-of-text position of the batch; the features are the same. The full
-        ``context_length`` is computed, as the original does, whenever the shortcut might show: a hook on the text
-        path (``transformer``, its blocks, ``ln_final``) or a global module hook, a changed or replaced attention
-        mask, a replaced, subclassed or patched text module or method, tracing, scripting or compiling.
+        Parameters
+        ----------
+        text : torch.Tensor
+            Token ids ``[N, context_length]`` (``clip.tokenize``); the highest id of a row marks its end of text.
+
+        Returns
+        -------
+        torch.Tensor
+            The features ``[N, embed_dim]``, in the model's dtype.
+
+        Notes
+        -----
+        Under the causal mask no position sees a later one, so a row's features depend only on its positions up to
+        its end-of-text token. When the model can prove that it computes exactly the causal text transformer and
+        that nothing observes the shapes (see ``_trims_text``), rows with nearby end-of-text positions run
+        together, each group only as far as its own longest row: a batch costs about the sum of its rows'
+        lengths instead of ``N x context_length``, with the same features in the same order. Otherwise all
+        ``context_length`` positions run, as in the original; ``trim_text = False`` asks for that always.
+        Trimming reads the end-of-text positions on the host once per call (one stream sync on CUDA); the full
+        computation reads nothing.
         """
         x = self.token_embedding(text).type(self.dtype)  # [N, n_ctx, d_model]
         eot = text.argmax(dim=-1)  # [N]: the end-of-text token has the highest id in each row
-        length = int(eot.max()) + 1 if self._text_path_is_plain() else x.shape[1]
-        x = x[:, :length] + self.positional_embedding[:length].type(self.dtype)  # [N, length, d_model]
+        if text.shape[0] and self._trims_text(text):
+            x = self._text_tower_trimmed(x, eot)
+        else:
+            x = self._text_tower(x, eot)
+        return x @ self.text_projection  # [N, embed_dim]
+
+    def _text_tower(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """The ``ln_final`` output at each row's end of text: token embeddings ``[N, L, d_model]`` -> ``[N, d_model]``.
+
+        ``L`` is ``context_length``, or fewer when every row's end of text (``eot``, ``[N]``) is below it.
+        """
+        length = x.shape[1]
+        x = x + self.positional_embedding[:length].type(self.dtype)  # [N, L, d_model]
         x = x.permute(1, 0, 2)  # NLD -> LND
         x = self.transformer(x)
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_final(x).type(self.dtype)
+        return x[torch.arange(x.shape[0], device=x.device), eot]  # [N, d_model]
 
-        x = x[torch.arange(x.shape[0]), eot] @ self.text_projection  # [N, embed_dim]
-        return x
+    def _text_tower_trimmed(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """``_text_tower``, with rows grouped by end-of-text position and each group run only up to its longest."""
+        # The one host read of the call (a stream sync on CUDA): how many rows end at each position.
+        counts = torch.bincount(eot.cpu(), minlength=x.shape[1]).tolist()  # [n_ctx]
+        groups = _length_groups(counts, _GROUP_OVERHEAD.get(x.device.type, _GROUP_OVERHEAD["cuda"]))
+        if len(groups) == 1:
+            return self._text_tower(x[:, :groups[0][1]], eot)
+        # Sorted by end of text, the rows of each group are a run of `order`; groups end between distinct positions.
+        order = torch.argsort(eot)  # [N]
+        parts, start = [], 0
+        for rows, length in groups:
+            index = order[start:start + rows]  # [rows]
+            parts.append(self._text_tower(x[:, :length].index_select(0, index), eot.index_select(0, index)))
+            start += rows
+        return torch.cat(parts)[torch.argsort(order)]  # [N, d_model], back in the rows' order
 
-    def _text_path_is_plain(self) -> bool:
-        """Whether the text path is this module's own, unobserved and causal, so a shorter run gives the same."""
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or _is_compiling():
-            return False  # a trace or graph would bake in this batch's length
-        if _has_global_hooks():
+    def _trims_text(self, text: torch.Tensor) -> bool:
+        """Whether running rows only up to their end of text provably computes what the full length computes.
+
+        It does when the text path is this package's own causal computation and nothing can observe the shapes:
+        ``trim_text`` is set; ``text`` is a plain tensor in an eager run (no tracing, scripting, compiling,
+        exporting, fake or proxy tensors, functorch transform such as ``vmap`` or ``grad``, or CUDA-graph capture);
+        no global module hook is registered and the torch functions and methods the text path calls are torch's
+        own; the model is a ``CLIP`` and every text module (``transformer`` and everything in it, ``ln_final``) is
+        exactly one of the classes the text path is made of, not a subclass, with no hook and no ``forward`` or
+        ``attention`` set on the instance; and every block's ``attn_mask`` is a CPU tensor equal to the causal mask
+        of ``context_length`` (a CPU comparison, so checking never waits for a device).
+        """
+        if not self.trim_text or type(self) is not CLIP or not _runs_eagerly(text):
             return False
-        mask = getattr(self, "_causal_mask", None)
-        if mask is None or not torch.equal(mask, self._causal_mask_copy):
+        if _has_global_hooks() or _torch_patched():
             return False
+        causal = set()  # ids of the masks checked in this call: the blocks usually share one
         for module in (*self.transformer.modules(), self.ln_final):
-            if not _is_pristine(module) or _has_hooks(module):
+            if type(module) not in _TEXT_MODULE_TYPES or _has_hooks(module) or _overridden_on_instance(module):
                 return False
-            if isinstance(module, ResidualAttentionBlock) and module.attn_mask is not mask:
-                return False
+            if type(module) is ResidualAttentionBlock and id(module.attn_mask) not in causal:
+                if not _is_causal(module.attn_mask, self.context_length):
+                    return False
+                causal.add(id(module.attn_mask))
         return True
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -415,19 +470,34 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_text
 
 
-# The text path's module classes and the methods the fast path relies on, as this module defines them. A subclass,
-# a wrapper, or a method patched on a class or an instance may depend on the full-length shapes.
-_TEXT_PATH_METHODS = {
-    cls: (cls.forward, getattr(cls, "attention", None))
-    for cls in (Transformer, ResidualAttentionBlock, LayerNorm, QuickGELU, nn.Sequential, nn.MultiheadAttention,
-                nn.Linear, NonDynamicallyQuantizableLinear)
-}
+# The classes the text path is made of. A subclass, or any other module in its place, may compute something that is
+# not causal or observe the shapes, so encode_text trims only a text path built of exactly these.
+_TEXT_MODULE_TYPES = frozenset((Transformer, ResidualAttentionBlock, LayerNorm, QuickGELU, nn.Sequential,
+                                nn.MultiheadAttention, nn.Linear, NonDynamicallyQuantizableLinear))
 
 
-def _is_pristine(module: nn.Module) -> bool:
-    cls = type(module)
-    return (_TEXT_PATH_METHODS.get(cls) == (cls.forward, getattr(cls, "attention", None))
-            and "forward" not in module.__dict__ and "attention" not in module.__dict__)
+def _text_path_functions() -> Tuple[Tuple[object, str, object], ...]:
+    """(owner, name, function) for what the text path calls by name: the forward and attention methods of its
+    classes and their bases (LayerNorm calls nn.LayerNorm.forward), and the torch functions those look up."""
+    owners = [(F, ("layer_norm", "linear", "multi_head_attention_forward", "scaled_dot_product_attention")),
+              (torch, ("sigmoid",)), (nn.Module, ("__call__", "_call_impl"))]
+    bases = {base for cls in _TEXT_MODULE_TYPES for base in cls.__mro__
+             if issubclass(base, nn.Module) and base is not nn.Module}
+    owners += [(cls, ("forward", "attention")) for cls in sorted(bases, key=lambda c: c.__qualname__)]
+    return tuple((owner, name, getattr(owner, name)) for owner, names in owners for name in names
+                 if hasattr(owner, name))
+
+
+_TEXT_PATH_FUNCTIONS = _text_path_functions()
+
+
+def _torch_patched() -> bool:
+    """Whether any function the text path calls by name was replaced since this module was imported."""
+    return any(getattr(owner, name, None) is not function for owner, name, function in _TEXT_PATH_FUNCTIONS)
+
+
+def _overridden_on_instance(module: nn.Module) -> bool:
+    return "forward" in module.__dict__ or "attention" in module.__dict__
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -441,9 +511,113 @@ def _has_global_hooks() -> bool:
                 or getattr(hooks, "_global_backward_pre_hooks", None))
 
 
-def _is_compiling() -> bool:
+# Dispatch modes that turn a run into a graph (torch.export, make_fx, fake-tensor tracing); absent in old torch.
+_MODE_KEYS = getattr(torch._C, "_TorchDispatchModeKey", None)
+_GRAPH_MODE_KEYS = tuple(getattr(_MODE_KEYS, key) for key in ("FAKE", "PROXY") if hasattr(_MODE_KEYS, key))
+
+
+def _is_recording() -> bool:
+    """Whether the run is being recorded as a graph: tracing, scripting, compiling, exporting, fake or proxy
+    tensors. A graph would keep one batch's lengths, and host reads of tensor values are not allowed in it."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
     compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    if compiler is not None and any(getattr(compiler, name, bool)() for name in ("is_compiling", "is_exporting")):
+        return True
+    return any(torch._C._get_dispatch_mode(key) is not None for key in _GRAPH_MODE_KEYS)
+
+
+def _runs_eagerly(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a plain tensor of an eager run whose values the host may read: nothing records the run
+    (``_is_recording``), no functorch transform (``vmap``, ``grad``) holds it, no CUDA graph is being captured."""
+    if type(x) is not torch.Tensor or x.device.type == "meta" or _is_recording():
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+# What running one more group costs beyond its rows' positions, in row-positions (one row run one position further).
+# CPU: each group reads all the text weights once more (ViT-B/32: 150 MB in float32) and runs smaller, less
+# efficient matrix products; measured on ViT-B/32 with 2 threads, splitting 64 captions of 6-12 tokens into groups
+# was slower than one group, so a split must save the time of a few captions (~100 ms here). CUDA: launching a
+# group's ~250 kernels takes about as long as thousands of positions compute (not measured; a large value, so that
+# a GPU splits a batch only to save much).
+_GROUP_OVERHEAD = {"cpu": 256, "cuda": 4096}
+
+
+def _length_groups(counts: Sequence[int], overhead: int) -> List[Tuple[int, int]]:
+    """Split rows into groups by length so that running each group up to its longest row costs the least.
+
+    ``counts[i]`` rows are ``i + 1`` positions long (at least one row). A group of ``r`` rows whose longest is
+    ``L`` costs ``r * L + overhead``. Returns ``[(rows, L), ...]`` in increasing ``L``: sorted by length, the
+    rows of each group come next.
+    """
+    lengths = [i + 1 for i, count in enumerate(counts) if count]
+    sizes = [counts[length - 1] for length in lengths]
+    total_rows, longest = sum(sizes), lengths[-1]
+    if total_rows * longest - sum(n * length for n, length in zip(sizes, lengths)) <= overhead:
+        return [(total_rows, longest)]  # padding every row to the longest wastes less than a second group costs
+    # Over the distinct lengths in increasing order: shorter[j] rows are shorter than lengths[j]; best[j] is the
+    # least cost of those rows and cut[j] the index where its last group starts.
+    shorter = [0]
+    for n in sizes:
+        shorter.append(shorter[-1] + n)
+    best, cut = [0], [0]
+    for j in range(1, len(lengths) + 1):
+        cost, start = min((best[i] + (shorter[j] - shorter[i]) * lengths[j - 1], i) for i in range(j))
+        best.append(cost + overhead)
+        cut.append(start)
+    groups, j = [], len(lengths)
+    while j:
+        groups.append((shorter[j] - shorter[cut[j]], lengths[j - 1]))
+        j = cut[j]
+    return groups[::-1]
+
+
+# The causal masks the blocks run with, one per (size, device, dtype): made once, so no forward pass copies one.
+_CAUSAL_MASKS: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _causal_mask(size: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``size x size`` causal additive mask on ``like``'s device and in its dtype."""
+    key = (size, like.device, like.dtype)
+    mask = _CAUSAL_MASKS.get(key)
+    if mask is None:
+        with torch.inference_mode(False):  # a normal tensor, usable by autograd even if made in inference mode
+            mask = torch.full((size, size), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
+        if _runs_eagerly(like):  # not a fake tensor, a vmap level's or a CUDA graph pool's
+            _CAUSAL_MASKS[key] = mask
+    return mask
+
+
+def _is_causal(mask: Optional[torch.Tensor], size: Optional[int] = None) -> bool:
+    """Whether ``mask`` is a CPU tensor equal to the causal additive mask (of ``size`` rows if given).
+
+    Only CPU masks are compared, so that checking never waits for a device; a mask elsewhere counts as not causal.
+    """
+    if not (isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and mask.is_floating_point()
+            and mask.dim() == 2 and mask.shape[0] == mask.shape[1] and size in (None, mask.shape[0])):
+        return False
+    return torch.equal(mask, _causal_mask(mask.shape[0], mask))
+
+
+def _mask_for(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The attention mask for ``x`` (L, N, D): ``mask``'s top-left L x L corner, on ``x``'s device and dtype.
+
+    A causal mask's top-left corner is the causal mask of the shorter sequence, so any length up to the mask's
+    works (encode_text runs trimmed sequences; clients call the transformer directly). A causal mask comes from
+    ``_causal_mask``, made once per device and dtype; another mask is converted on every call, as the original
+    did, and so is any mask while a graph is recorded.
+    """
+    length = x.shape[0]
+    if mask.device != x.device or mask.dtype != x.dtype:
+        if not _is_recording() and _is_causal(mask):
+            mask = _causal_mask(mask.shape[0], x)
+        else:
+            mask = mask[:length, :length].to(dtype=x.dtype, device=x.device)
+    return mask[:length, :length]  # a view: nothing is copied
 
 
 def convert_weights(model: nn.Module) -> None:

@@ -1,11 +1,10 @@
-"""The model modules and build_model: release architectures, strict keys, no random init, the text fast path."""
+"""The model modules and build_model: release architectures, strict keys, no random init (text path: test_text_path)."""
 import csv
 import pathlib
 
 import pytest
 import torch
 
-import clip.model
 from clip.model import CLIP, build_model, convert_weights, infer_dims
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict
 
@@ -138,153 +137,8 @@ def test_convert_weights_matches_the_release_dtype_set():
     assert "visual.attnpool.q_proj.weight" in half and "visual.attnpool.positional_embedding" not in half
 
 
-def _tokens(lengths, context_length=77):
-    """Rows of [49406, ids..., 49407, 0...] with the given numbers of ids."""
-    text = torch.zeros(len(lengths), context_length, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        text[row, 0] = 49406
-        text[row, 1:n + 1] = torch.arange(1, n + 1) * 97 % 49000 + 300
-        text[row, n + 1] = 49407
-    return text
-
-
 def _float_model(dims=TINY_VIT):
     return build_model(random_state_dict(dims)).float()
-
-
-def test_text_fast_path_equals_the_full_computation():
-    model = _float_model()
-    text = _tokens([3, 0, 10, 75])  # mixed lengths, including a row that fills all 77 positions
-    with torch.no_grad():
-        fast = model.encode_text(text)
-        model.ln_final.register_forward_hook(lambda *args: None)  # any hook forces the full computation
-        full = model.encode_text(text)
-    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
-
-
-def test_short_batches_run_a_shorter_transformer():
-    model = _float_model()
-    seen = []
-    text = _tokens([2, 5])
-    with torch.no_grad():
-        fast = model.encode_text(text)
-        model.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
-        full = model.encode_text(text)
-    assert seen == [torch.Size([77, 2, 64])]  # with a hook, the original's full shape
-    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
-
-
-def test_ln_final_hook_sees_batch_first_full_context():
-    model = _float_model()
-    shapes = []
-    model.ln_final.register_forward_hook(lambda module, args, output: shapes.append(output.shape))
-    with torch.no_grad():
-        model.encode_text(_tokens([4, 6, 1]))
-    assert shapes == [torch.Size([3, 77, 64])]
-
-
-def test_global_hooks_force_the_full_computation():
-    model = _float_model()
-    shapes = []
-
-    def hook(module, args, output):
-        if module is model.ln_final:
-            shapes.append(output.shape)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model.encode_text(_tokens([4]))
-    finally:
-        handle.remove()
-    assert shapes == [torch.Size([1, 77, 64])]
-
-
-def _full(model, text):
-    """encode_text with a hook on ln_final, which forces the full 77-long computation."""
-    handle = model.ln_final.register_forward_hook(lambda *args: None)
-    try:
-        return model.encode_text(text)
-    finally:
-        handle.remove()
-
-
-@pytest.mark.parametrize("change", ["none", "prefix", "in-place"])
-def test_a_changed_attention_mask_turns_the_shortcut_off(change):
-    model = _float_model()
-    text = _tokens([3, 5])
-    for block in model.transformer.resblocks:
-        if change == "none":
-            block.attn_mask = None  # bidirectional text attention
-        elif change == "prefix":
-            mask = model.build_attention_mask()
-            mask[:, :20] = 0  # a prefix every position sees
-            block.attn_mask = mask
-    if change == "in-place":
-        model.transformer.resblocks[0].attn_mask[:, :20] = 0
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(text), _full(model, text), rtol=0, atol=0)
-
-
-def test_an_overridden_attention_method_sees_the_full_mask():
-    """Attention-map code replaces ``attention`` to keep the weights, using the block's 77 x 77 mask."""
-    import types
-
-    model = _float_model()
-
-    def attention(self, x):
-        mask = self.attn_mask.to(dtype=x.dtype, device=x.device)
-        out, self.attn_probs = self.attn(x, x, x, need_weights=True, attn_mask=mask)
-        return out
-
-    for block in model.transformer.resblocks:
-        block.attention = types.MethodType(attention, block)
-    with torch.no_grad():
-        model.encode_text(_tokens([3, 5]))
-    assert model.transformer.resblocks[0].attn_probs.shape == (2, 77, 77)
-
-
-def test_patched_or_wrapped_text_modules_see_full_shapes(monkeypatch):
-    model = _float_model()
-    shapes = []
-    original = clip.model.ResidualAttentionBlock.forward
-
-    def patched(self, x):
-        shapes.append(tuple(x.shape))
-        return original(self, x)
-
-    monkeypatch.setattr(clip.model.ResidualAttentionBlock, "forward", patched)
-    with torch.no_grad():
-        model.encode_text(_tokens([3, 5]))
-    assert shapes[0] == (77, 2, 64)
-    monkeypatch.undo()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            shapes.append(tuple(x.shape))
-            return self.inner(x)
-
-    model.ln_final = Wrapper(model.ln_final)
-    with torch.no_grad():
-        model.encode_text(_tokens([3, 5]))
-    assert shapes[-1] == (2, 77, 64)
-
-
-def test_transformer_called_directly_on_any_length():
-    model = _float_model()
-    for length in (1, 9, 77):
-        x = torch.randn(length, 2, 64)  # (L, N, D), sequence first
-        with torch.no_grad():
-            out = model.transformer(x)
-        assert out.shape == x.shape
-    # The first positions of a causal computation do not depend on the later ones.
-    x = torch.randn(77, 2, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(model.transformer(x[:9]), model.transformer(x)[:9], rtol=1e-5, atol=1e-6)
 
 
 def test_visual_proj_can_be_removed():
