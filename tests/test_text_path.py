@@ -357,11 +357,30 @@ def test_nothing_trims_inside_transforms_or_graphs():
                     "compile": False, "fake": False, "meta": False}
 
 
-def test_a_trace_of_a_short_batch_runs_any_batch_in_full(model):
+class EncodeText(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text):
+        return self.model.encode_text(text)
+
+
+GRAPHS = {
+    "jit.trace": lambda model, text: torch.jit.trace_module(model, {"encode_text": (text,)},
+                                                            check_trace=False).encode_text,
+    "torch.compile": lambda model, text: torch.compile(model.encode_text, backend="eager", dynamic=False),
+    "torch.export": lambda model, text: torch.export.export(EncodeText(model), (text,)).module(),
+}
+
+
+@pytest.mark.parametrize("make", list(GRAPHS.values()), ids=list(GRAPHS))
+def test_a_graph_of_a_short_batch_runs_any_batch_in_full(model, make):
     short, long = tokens([2, 3]), tokens([75, 40])
     with torch.no_grad():
-        traced = torch.jit.trace_module(model, {"encode_text": (short,)}, check_trace=False)
-        assert_close(traced.encode_text(long), oracle(model, long))
+        graph = make(model, short)
+        graph(short)
+        assert_close(graph(long), oracle(model, long))
 
 
 def test_the_causal_mask_is_made_once_per_device_and_dtype(state_dict):
