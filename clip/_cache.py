@@ -3,14 +3,17 @@
 ``download(url)`` returns ``<cache folder>/<file name>`` once its SHA-256 is the one the URL carries. This module
 decides the names (the final file, ``<file>.partial``, ``<file>.lock``, the record ``<file>.sha256.json``), holds
 the lock, verifies the bytes and writes the records; ``clip._http`` only moves bytes. Every file here is opened
-without following links, and anything at one of these names that is not a plain file is never read or written
-through. `write_atomically` is the one way files are replaced (the command line uses it too). The README describes
-the cache, its trust model and the environment variables.
+without following links, and anything at one of these names that is not a plain file is never written through.
+The one link the cache reads is one at the final name that leads to a plain file (a shared copy): it is used when
+its bytes verify and replaced, never written through, when they do not. `write_atomically` is the one way files are
+replaced (the command line uses it too). The README describes the cache, its trust model and the environment
+variables.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -112,13 +115,14 @@ def sha256_from_url(url: str) -> str:
 def cached_path(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str] = None) -> Optional[str]:
     """Return the path of ``url``'s file if the cache holds it verified by its record, else None.
 
-    Only the file's size and modification time are compared with the record: nothing is hashed, nothing is written
-    and the network is never used. A file without a record, or that is not a plain file, counts as not verified.
+    Only the file's size and modification time (and, for a link, where it leads) are compared with the record:
+    nothing is hashed, nothing is written and the network is never used. A file without a record, or that is neither
+    a plain file nor a link to one, counts as not verified.
     """
     expected = _expected_sha256(url, sha256)
     target = _target(url, root)
-    status = _lstat(target)
-    return target if _is_file(status) and _record_matches(target, expected, status) else None
+    entry = _look(target)
+    return target if entry.file is not None and _record_matches(target, expected, entry) else None
 
 
 def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str] = None,
@@ -139,7 +143,7 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     Returns
     -------
     str
-        ``<cache folder>/<file name>``, a plain file whose SHA-256 is the expected one.
+        ``<cache folder>/<file name>``, a plain file (or a link to one) whose SHA-256 is the expected one.
 
     Raises
     ------
@@ -147,7 +151,7 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
         If no source gave the right bytes, the cache folder cannot be written, a setting is invalid, or the machine
         is offline (``CLIP_OFFLINE``) and the file is not in the cache; the message names the URLs tried, the
         hashes, the bytes received, the folder and what to do. A wrong file found in the cache is left in place
-        until a verified one replaces it.
+        until a verified one replaces it; a link there is replaced itself, and what it leads to is never written.
     """
     expected = _expected_sha256(url, sha256)
     target = _target(url, root)
@@ -165,17 +169,17 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     if offline is not None:
         raise DownloadError(_offline_message(offline, label, target, expected, sources, seen))
     with _locked(target, f"{label} {_state(seen, expected)}"):
-        current = _lstat(target)
-        if _identity(current) != seen.identity:
+        if _look(target).identity != seen.entry.identity:
             # The file appeared or changed while we waited for the lock: most likely another process downloaded it.
             seen = _inspect(target, expected)
             if seen.ok:
                 return target
-        if seen.identity is not None:
-            found = (f"is {seen.kind}, not a plain file" if seen.kind is not None else
-                     f"does not match its expected SHA-256 (expected {expected}, got {seen.actual})")
-            warnings.warn(f"{target} {found}; downloading it again (it is kept until a verified copy replaces it)",
-                          stacklevel=2)
+        if seen.entry.status is not None:
+            found = (f" is {seen.entry.problem}" if seen.entry.problem else
+                     f"{_through(seen.entry)} does not match its expected SHA-256 (expected {expected}, got "
+                     f"{seen.actual})")
+            warnings.warn(f"{target}{found}; downloading it again (it is kept until a verified copy replaces it"
+                          f"{_untouched(seen.entry)})", stacklevel=2)
         try:
             _fetch(sources, target, expected, label, settings, opener)
         except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
@@ -185,11 +189,11 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
                 f"could not write {os.path.basename(target)} into {os.path.dirname(target)} ({error}); free some "
                 "space there or choose another folder with download_root= or CLIP_CACHE_DIR") from error
         except DownloadError as error:
-            if seen.identity is None:
+            if seen.entry.status is None:
                 raise
             raise DownloadError(f"{error}\nThe file that was at {target} before is left as it was ({label} "
                                 f"{_state(seen, expected)}).") from None
-        _record_or_warn(target, expected, os.lstat(target))
+        _record_or_warn(target, expected, _look(target))
     return target
 
 
@@ -287,17 +291,26 @@ def _describe(url: str, target: str) -> str:
 
 
 def _state(seen: "_Seen", expected: str) -> str:
-    if seen.identity is None:
+    if seen.entry.status is None:
         return "is not in the cache"
-    if seen.kind is not None:
-        return f"in the cache is {seen.kind}, not a plain file"
-    return f"in the cache does not match (its SHA-256 is {seen.actual}, expected {expected})"
+    if seen.entry.problem:
+        return f"in the cache is {seen.entry.problem}"
+    return f"in the cache{_through(seen.entry)} does not match (its SHA-256 is {seen.actual}, expected {expected})"
+
+
+def _through(entry: "_Entry") -> str:
+    """Words naming where a link leads, to follow the file's name; nothing for a plain file."""
+    return "" if entry.link_to is None else f" (a symbolic link to {entry.link_to})"
+
+
+def _untouched(entry: "_Entry") -> str:
+    return "" if entry.link_to is None else f"; the link itself is replaced, {entry.link_to} is never written"
 
 
 def _offline_message(variable: str, label: str, target: str, expected: str, sources: Sequence[str],
                      seen: "_Seen") -> str:
     urls = "".join(f"\n  {source}" for source in sources)
-    kept = " (the file there now is left as it is)" if seen.identity is not None else ""
+    kept = " (the file there now is left as it is)" if seen.entry.status is not None else ""
     return (
         f"{variable}={os.environ[variable]} is set, so clip does not use the network, and "
         f"{label} {_state(seen, expected)}.\n"
@@ -321,10 +334,6 @@ def _lstat(path: str) -> Optional[os.stat_result]:
     except OSError as error:  # a loop of links in the folder's path, no permission, ...
         raise DownloadError(f"cannot look at {path}: {error}; fix the cache folder or choose another with "
                             "download_root= or CLIP_CACHE_DIR") from None
-
-
-def _is_file(status: Optional[os.stat_result]) -> bool:
-    return status is not None and stat.S_ISREG(status.st_mode)
 
 
 def _kind(status: os.stat_result) -> str:
@@ -388,6 +397,47 @@ def _identity(status: Optional[os.stat_result]) -> Optional[Tuple[int, int, int]
     return None if status is None else (status.st_mode, status.st_size, status.st_mtime_ns)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """What is at the final name: nothing, a plain file, a link that leads to a plain file, or something else."""
+
+    status: Optional[os.stat_result]  # the entry itself, never followed; None when nothing is there
+    file: Optional[str] = None  # the plain file holding the bytes: the name itself, or where its link leads
+    file_status: Optional[os.stat_result] = None  # that file's own status: its size and time go in the record
+    link_to: Optional[str] = None  # where a link leads, every link on the way resolved; None for a plain file
+    problem: str = ""  # what is there instead of a usable file ("a named pipe, not a plain file"), in words
+
+    @property
+    def identity(self) -> Optional[tuple]:
+        """What changes whenever the entry or the file a link leads to changes (for the check under the lock)."""
+        return None if self.status is None else (_identity(self.status), self.link_to, _identity(self.file_status))
+
+
+def _look(path: str) -> _Entry:
+    """What is at ``path``; a link is resolved (only read, never opened) to see whether it leads to a plain file."""
+    status = _lstat(path)
+    if status is None or stat.S_ISREG(status.st_mode):
+        return _Entry(status, None if status is None else path, status)
+    if not stat.S_ISLNK(status.st_mode):
+        return _Entry(status, problem=f"{_kind(status)}, not a plain file")
+    resolved = os.path.realpath(path)
+    try:
+        followed = os.stat(path)
+        file_status = os.lstat(resolved)  # the resolved name itself: a plain file, or the link was just changed
+    except OSError as error:
+        reason = ("it leads to a loop of links" if error.errno == errno.ELOOP else
+                  f"it leads to {resolved}, which does not exist" if isinstance(error, FileNotFoundError) else
+                  f"it cannot be followed: {error}")
+        return _Entry(status, problem=f"a symbolic link, not a plain file nor a link to one ({reason})")
+    if not stat.S_ISREG(followed.st_mode):
+        return _Entry(status, problem=f"a symbolic link, not a plain file nor a link to one (it leads to "
+                                      f"{_kind(followed)}, {resolved})")
+    if (followed.st_dev, followed.st_ino) != (file_status.st_dev, file_status.st_ino):
+        # The link or a folder on its way changed between the two looks: trust neither, as for a wrong file.
+        return _Entry(status, problem=f"a symbolic link that changed while it was looked at (to {resolved})")
+    return _Entry(status, resolved, file_status, link_to=resolved)
+
+
 def _sha256_of(path: str) -> "hashlib._Hash":
     """Hash a cached file in chunks (never the whole file in memory); the only place cached files are hashed."""
     descriptor = _open_file(path, os.O_RDONLY)
@@ -412,9 +462,8 @@ class _Seen:
     """What a look at a cached file found."""
 
     ok: bool
-    identity: Optional[Tuple[int, int, int]] = None  # (mode, size, mtime_ns) of what was there, None if nothing
+    entry: _Entry  # what was there
     actual: Optional[str] = None  # its SHA-256 when it was hashed and found wrong
-    kind: Optional[str] = None  # what it is when it is not a plain file ("a symbolic link", ...)
 
 
 def _read_record(target: str) -> Optional[dict]:
@@ -432,41 +481,46 @@ def _read_record(target: str) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def _record_matches(target: str, expected: str, status: os.stat_result) -> bool:
+def _record_matches(target: str, expected: str, entry: _Entry) -> bool:
+    """Whether the record vouches for the file as it is now: same hash, size and time, and a link leads where it did."""
     record = _read_record(target)
-    return (record is not None and record.get("sha256") == expected
-            and (record.get("size"), record.get("mtime_ns")) == (status.st_size, status.st_mtime_ns))
+    status = entry.file_status
+    return (record is not None and status is not None and record.get("sha256") == expected
+            and (record.get("size"), record.get("mtime_ns")) == (status.st_size, status.st_mtime_ns)
+            and record.get("link_to") == entry.link_to)
 
 
-def _write_record(target: str, sha256: str, status: os.stat_result) -> None:
+def _write_record(target: str, sha256: str, entry: _Entry) -> None:
+    status = entry.file_status
     record = {"file": os.path.basename(target), "sha256": sha256, "size": status.st_size,
               "mtime_ns": status.st_mtime_ns}
+    if entry.link_to is not None:  # a re-pointed link, even to a file of the same size and time, is hashed again
+        record["link_to"] = entry.link_to
     text = json.dumps(record, indent=1) + "\n"
     write_atomically(target + RECORD_SUFFIX, lambda file: file.write(text.encode("utf-8")))
 
 
 def _inspect(target: str, expected: str) -> _Seen:
-    """Look at the cached file: trusted by its record, or hashed (and then recorded if the folder allows)."""
-    status = _lstat(target)
-    if status is None:
-        return _Seen(ok=False)
-    if not stat.S_ISREG(status.st_mode):
-        return _Seen(ok=False, identity=_identity(status), kind=_kind(status))
-    if _record_matches(target, expected, status):
-        return _Seen(ok=True, identity=_identity(status))
+    """Look at the cached file (or the plain file its link leads to): trusted by its record, or hashed (and then
+    recorded if the folder allows)."""
+    entry = _look(target)
+    if entry.file is None:
+        return _Seen(ok=False, entry=entry)
+    if _record_matches(target, expected, entry):
+        return _Seen(ok=True, entry=entry)
     try:
-        actual = _sha256_of(target).hexdigest()
+        actual = _sha256_of(entry.file).hexdigest()
     except OSError as error:
-        raise DownloadError(f"cannot read {target}: {error}") from None
+        raise DownloadError(f"cannot read {entry.file}: {error}") from None
     if actual != expected:
-        return _Seen(ok=False, identity=_identity(status), actual=actual)
-    _record_or_warn(target, expected, status)
-    return _Seen(ok=True, identity=_identity(status))
+        return _Seen(ok=False, entry=entry, actual=actual)
+    _record_or_warn(target, expected, entry)
+    return _Seen(ok=True, entry=entry)
 
 
-def _record_or_warn(target: str, expected: str, status: os.stat_result) -> None:
+def _record_or_warn(target: str, expected: str, entry: _Entry) -> None:
     try:
-        _write_record(target, expected, status)
+        _write_record(target, expected, entry)
     except OSError as error:  # a read-only shared cache: use the file all the same, and say what that costs
         warnings.warn(
             f"{target} is verified, but no record of that can be written beside it ({error}), so it is hashed "
@@ -479,20 +533,20 @@ def _check_recorded(target: str) -> CacheCheck:
     if not isinstance(expected, str):
         return CacheCheck(target, "", False,
                           f"the record {target + RECORD_SUFFIX} is unreadable: delete it; the next load re-checks")
-    status = _lstat(target)
-    if status is None:
+    entry = _look(target)
+    if entry.status is None:
         return CacheCheck(target, expected, False, "missing: the record has no file beside it")
-    if not stat.S_ISREG(status.st_mode):
-        return CacheCheck(target, expected, False, f"{_kind(status)}, not a plain file: the cache never follows "
-                                                   "one; delete it and load the model again")
+    if entry.file is None:
+        return CacheCheck(target, expected, False, f"{entry.problem}: the cache never reads one; delete it and "
+                                                   "load the model again")
     try:
-        actual = _sha256_of(target).hexdigest()
+        actual = _sha256_of(entry.file).hexdigest()
     except OSError as error:
         return CacheCheck(target, expected, False, f"cannot be read: {error}")
     if actual != expected:
         return CacheCheck(target, expected, False,
-                          f"corrupt: SHA-256 is {actual}, expected {expected}; delete it and load it again "
-                          "to download a fresh copy")
+                          f"corrupt{_through(entry)}: SHA-256 is {actual}, expected {expected}; delete it and load "
+                          "it again to download a fresh copy")
     return CacheCheck(target, expected, True, "ok")
 
 

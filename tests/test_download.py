@@ -104,6 +104,15 @@ def no_hashing(monkeypatch):
     monkeypatch.setattr(_cache, "_sha256_of", forbidden)
 
 
+@pytest.fixture
+def hashed(monkeypatch):
+    """The paths of the cached files hashed, in order."""
+    paths = []
+    real = _cache._sha256_of
+    monkeypatch.setattr(_cache, "_sha256_of", lambda path: paths.append(path) or real(path))
+    return paths
+
+
 def child_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -859,19 +868,28 @@ VICTIM = b"another user's file"
 
 
 def plant(kind: str, path: pathlib.Path, victim: pathlib.Path) -> None:
-    """Put something that is not a plain file of the cache at ``path``."""
+    """Put something that is not a plain file of the cache at ``path``.
+
+    A dangling link leads to ``<victim's folder>/nowhere``, a link to a folder to ``<victim's folder>/folder``:
+    neither may exist or hold anything afterwards.
+    """
     if kind == "symlink":
         os.symlink(victim, path)
     elif kind == "hardlink":
         os.link(victim, path)
     elif kind == "fifo":
         os.mkfifo(path)
+    elif kind == "dangling":
+        os.symlink(victim.parent / "nowhere", path)
+    elif kind == "folder link":
+        (victim.parent / "folder").mkdir()
+        os.symlink(victim.parent / "folder", path)
     else:  # a link to itself: every stat() of it fails with ELOOP
         os.symlink(path.name, path)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links and pipes")
-@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "loop"])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "loop", "dangling", "folder link"])
 @pytest.mark.parametrize("name", ["model.pt.partial", "model.pt.lock", "model.pt.sha256.json", "model.pt"])
 def test_links_and_special_files_are_never_followed_nor_reused(server, sandbox, tmp_path, bounded, name, kind):
     data = payload()
@@ -890,6 +908,26 @@ def test_links_and_special_files_are_never_followed_nor_reused(server, sandbox, 
     assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
     assert _cache.cached_path(url) == target
     assert len(gets(server, path)) == 1
+    assert not os.path.lexists(tmp_path / "nowhere")  # a dangling link was not written through
+    assert kind != "folder link" or os.listdir(tmp_path / "folder") == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+@pytest.mark.parametrize("name", ["model.pt.partial", "model.pt.lock"])
+def test_a_link_to_the_right_bytes_is_still_replaced_at_the_partial_and_lock_names(server, sandbox, tmp_path, name):
+    data = payload()
+    url, path = publish(server, data)
+    shared = tmp_path / "shared.pt"
+    shared.write_bytes(data)  # a complete, correct copy: followed, a partial would be "resumed" into a 416
+    before = os.stat(shared)
+    sandbox.mkdir()
+    os.symlink(shared, sandbox / name)
+    with pytest.warns(UserWarning, match="a symbolic link, not a file of the cache: removed"):
+        target = _cache.download(url)
+    assert pathlib.Path(target).read_bytes() == data
+    assert "Range" not in gets(server, path)[0] and len(gets(server, path)) == 1  # fetched whole, nothing reused
+    assert not os.path.islink(sandbox / name) if os.path.lexists(sandbox / name) else name.endswith(".partial")
+    assert shared.read_bytes() == data and os.stat(shared).st_mtime_ns == before.st_mtime_ns
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
@@ -912,19 +950,141 @@ def test_a_record_behind_a_link_vouches_for_nothing(server, sandbox, tmp_path):
     assert len(gets(server, path)) == 1
 
 
+# A link at the final name that leads to a plain file (`ln -s /shared/models/ViT-B-32.pt ~/.cache/clip/`) is used
+# once its bytes verify; one that does not verify is replaced itself, and what it leads to is never written.
+
+
+def shared_copy(tmp_path, data: bytes, name: str = "model.pt") -> pathlib.Path:
+    """A copy in a folder outside the cache, as on a cluster's shared file system."""
+    folder = tmp_path / "shared models"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+def snapshot(path: pathlib.Path) -> tuple:
+    """A file's bytes and everything a write, a move or a new name would change."""
+    status = os.stat(path)
+    return path.read_bytes(), status.st_ino, status.st_nlink, status.st_size, status.st_mtime_ns, status.st_mode
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
-def test_a_link_as_the_final_file_is_not_trusted_even_to_the_right_bytes(server, sandbox, tmp_path):
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_link_to_a_verified_shared_copy_is_hashed_once_then_trusted(server, sandbox, tmp_path, monkeypatch,
+                                                                      hashed, offline):
+    data = payload()
+    url, _ = publish(server, data)
+    shared = shared_copy(tmp_path, data)
+    before = snapshot(shared)
+    sandbox.mkdir()
+    link = sandbox / "model.pt"
+    os.symlink(shared, link)
+    if offline:
+        monkeypatch.setenv("CLIP_OFFLINE", "1")
+    assert _cache.cached_path(url) is None  # no record yet: cached_path never hashes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cache.download(url) == str(link)
+        assert _cache.download(url) == str(link)
+    assert hashed == [os.path.realpath(shared)]  # hashed when first seen, then trusted through the record
+    assert server.requests == []
+    assert os.readlink(link) == str(shared) and snapshot(shared) == before  # the link and its file as they were
+    assert os.listdir(shared.parent) == ["model.pt"]
+    record = json.loads((sandbox / "model.pt.sha256.json").read_text())
+    assert record == {"file": "model.pt", "sha256": sha(data), "size": SIZE, "mtime_ns": before[4],
+                      "link_to": os.path.realpath(shared)}
+    assert _cache.cached_path(url) == str(link)
+    assert [(check.path, check.ok) for check in _cache.verify_cache()] == [(str(link), True)]  # re-hashes
+    assert len(hashed) == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+def test_a_re_pointed_link_is_hashed_again_even_to_a_file_of_the_same_size_and_time(server, sandbox, tmp_path,
+                                                                                   hashed):
+    data, wrong = payload(1), payload(2)  # the same size
+    url, path = publish(server, data)
+    first = shared_copy(tmp_path, data, "first.pt")
+    second = shared_copy(tmp_path, data, "second.pt")
+    bad = shared_copy(tmp_path, wrong, "bad.pt")
+    times = (first.stat().st_atime_ns, first.stat().st_mtime_ns)
+    for copy in (second, bad):
+        os.utime(copy, ns=times)  # as `cp -p` or rsync leave them: only where the link leads tells them apart
+    sandbox.mkdir()
+    link = sandbox / "model.pt"
+
+    def point(to):
+        os.symlink(to, str(link) + ".new")
+        os.replace(str(link) + ".new", link)
+
+    point(first)
+    assert _cache.download(url) == str(link)
+    point(second)
+    assert _cache.cached_path(url) is None  # the record was about the first copy
+    assert _cache.download(url) == str(link) and os.path.islink(link)
+    assert hashed == [os.path.realpath(first), os.path.realpath(second)] and server.requests == []
+    point(bad)
+    with pytest.warns(UserWarning, match=f"symbolic link to {re.escape(os.path.realpath(bad))}.* does not match"):
+        assert _cache.download(url) == str(link)
+    assert not os.path.islink(link) and link.read_bytes() == data
+    assert bad.read_bytes() == wrong and len(gets(server, path)) == 1
+    assert _cache.cached_path(url) == str(link)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+def test_a_link_whose_file_changes_is_hashed_again_and_replaced(server, sandbox, tmp_path, hashed):
     data = payload()
     url, path = publish(server, data)
-    elsewhere = tmp_path / "copy.pt"
-    elsewhere.write_bytes(data)
+    shared = shared_copy(tmp_path, data)
     sandbox.mkdir()
-    os.symlink(elsewhere, sandbox / "model.pt")
+    link = sandbox / "model.pt"
+    os.symlink(shared, link)
+    assert _cache.download(url) == str(link)
+    with open(shared, "r+b") as file:  # someone changes the shared copy in place
+        file.seek(1000)
+        file.write(b"changed")
+    os.utime(shared, ns=(10**18, 10**18))  # a modification shows in the mtime, even on a coarse-clock system
+    changed = snapshot(shared)
     assert _cache.cached_path(url) is None
-    with pytest.warns(UserWarning, match="symbolic link, not a plain file"):
-        target = _cache.download(url)
-    assert not os.path.islink(target) and pathlib.Path(target).read_bytes() == data
-    assert elsewhere.read_bytes() == data and len(gets(server, path)) == 1
+    with pytest.warns(UserWarning, match=f"does not match its expected SHA-256 \\(expected {sha(data)}, got "
+                                         f"{sha(changed[0])}\\).*{re.escape(str(os.path.realpath(shared)))} is "
+                                         "never written"):
+        assert _cache.download(url) == str(link)
+    assert hashed == [os.path.realpath(shared)] * 2
+    assert not os.path.islink(link) and link.read_bytes() == data and len(gets(server, path)) == 1
+    assert snapshot(shared) == changed
+    assert "link_to" not in json.loads((sandbox / "model.pt.sha256.json").read_text())  # a plain file's record
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+@pytest.mark.parametrize("first_try", ["offline", "failing server"])
+def test_a_link_to_wrong_bytes_is_kept_until_replaced_and_its_file_never_written(server, sandbox, tmp_path,
+                                                                                 monkeypatch, first_try):
+    data = payload()
+    url, path = publish(server, data)
+    shared = shared_copy(tmp_path, b"another version of the model")
+    before = snapshot(shared)
+    sandbox.mkdir()
+    link = sandbox / "model.pt"
+    os.symlink(shared, link)
+    named = f"{link} (a symbolic link to {os.path.realpath(shared)})"
+    with pytest.raises(DownloadError) as caught:
+        if first_try == "offline":
+            monkeypatch.setenv("CLIP_OFFLINE", "1")
+            _cache.download(url)
+        else:
+            server.add_fault(path, "status", 404)
+            with pytest.warns(UserWarning, match="kept until a verified copy replaces it"):
+                _cache.download(url)
+    message = str(caught.value)
+    assert f"(a symbolic link to {os.path.realpath(shared)}) does not match" in message and str(link) in message
+    assert sha(before[0]) in message and sha(data) in message
+    assert os.readlink(link) == str(shared) and snapshot(shared) == before  # kept: the link and its file
+    monkeypatch.delenv("CLIP_OFFLINE", raising=False)
+    with pytest.warns(UserWarning, match=re.escape(named) + ".* does not match"):
+        assert _cache.download(url) == str(link)
+    assert not os.path.islink(link) and link.read_bytes() == data  # the link itself replaced
+    assert snapshot(shared) == before and os.listdir(shared.parent) == ["model.pt"]  # byte for byte untouched
+    assert _cache.cached_path(url) == str(link)
 
 
 def test_a_wrong_file_is_kept_until_a_verified_one_replaces_it(server, sandbox):
@@ -944,15 +1104,17 @@ def test_a_wrong_file_is_kept_until_a_verified_one_replaces_it(server, sandbox):
         assert pathlib.Path(_cache.download(url)).read_bytes() == data  # replaced only now, by a verified copy
 
 
-@pytest.mark.parametrize("kind", ["wrong bytes", "loop"])
+@pytest.mark.parametrize("kind", ["wrong bytes", "loop", "dangling"])
 def test_offline_keeps_what_is_there_and_says_where(server, sandbox, monkeypatch, kind):
     url, _ = publish(server, payload())
     sandbox.mkdir()
     mine = sandbox / "model.pt"
+    if kind != "wrong bytes" and sys.platform == "win32":
+        pytest.skip("POSIX links")
     if kind == "loop":
-        if sys.platform == "win32":
-            pytest.skip("POSIX links")
         os.symlink(mine.name, mine)
+    elif kind == "dangling":
+        os.symlink(sandbox / "nowhere.pt", mine)
     else:
         mine.write_bytes(b"my own file")
     monkeypatch.setenv("CLIP_OFFLINE", "1")
@@ -960,9 +1122,12 @@ def test_offline_keeps_what_is_there_and_says_where(server, sandbox, monkeypatch
         _cache.download(url)
     message = str(caught.value)
     assert str(mine) in message and "(the file there now is left as it is)" in message
-    assert ("symbolic link, not a plain file" in message) if kind == "loop" else (sha(b"my own file") in message)
-    assert os.path.islink(mine) if kind == "loop" else mine.read_bytes() == b"my own file"
+    assert ("symbolic link, not a plain file" in message) if kind != "wrong bytes" else (sha(b"my own file") in message)
+    assert os.path.islink(mine) if kind != "wrong bytes" else mine.read_bytes() == b"my own file"
     assert server.requests == []
+    assert kind != "loop" or "a loop of links" in message
+    assert kind != "dangling" or (f"{sandbox / 'nowhere.pt'}, which does not exist" in message
+                                  and not os.path.lexists(sandbox / "nowhere.pt"))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
