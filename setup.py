@@ -45,7 +45,12 @@ setup(
             "ipykernel",
             "transformers>=4.30",
             "open_clip_torch>=2.20",
+            "matplotlib>=3.5",
+            # The cluster recipes' engines, run by tests/test_cluster.py (about 100 s to install together).
+            "pyspark>=3.5",
+            "ray[data]>=2.9",
         ],
+        "notebooks": ["matplotlib>=3.5", "jupyter"],
     },
     entry_points={"console_scripts": ["clip=clip._cli:main"]},
     package_data={"clip": ["bpe_simple_vocab_16e6.txt.gz"]},
