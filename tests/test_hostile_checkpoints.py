@@ -18,7 +18,7 @@ import zipfile
 import pytest
 import torch
 
-from checkpoints import TINY_VIT, random_state_dict, save_archive, save_state_dict
+from checkpoints import TINY_VIT, random_state_dict, save_state_dict
 
 CHECKPOINT_ERROR = "clip._checkpoint.CheckpointError"
 # A bounded parse of a file of a few kilobytes takes milliseconds; the unbounded ones took minutes or ran out of
