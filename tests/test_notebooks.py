@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+pytest.importorskip("matplotlib")
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -67,3 +68,26 @@ def test_notebook_runs_top_to_bottom(path, kernel_env, monkeypatch, tmp_path):
     assert pathlib.Path(clip_file).resolve() == REPO / "clip" / "__init__.py"
     model_line = notebook.cells[1].outputs[0]["text"]
     assert model_line.startswith(f"model: {kernel_env['CLIP_NOTEBOOK_MODEL']}")
+    # The pictures: the drawn images, and the matplotlib figures (heatmap, bars).
+    pictures = [cell for cell in notebook.cells if cell.cell_type == "code"
+                and any("image/png" in output.get("data", {}) for output in cell.outputs)]
+    figures = [cell for cell in pictures if "plt.show()" in cell.source]
+    assert len(figures) >= 2, "the notebook shows its results as figures"
+
+
+def test_make_figure_saves_the_notebooks_heatmap(kernel_env, monkeypatch, tmp_path):
+    """The README's picture comes from the notebook's own heatmap cell."""
+    import subprocess
+
+    for name, value in kernel_env.items():
+        monkeypatch.setenv(name, value)
+    target = tmp_path / "similarity.png"
+    done = subprocess.run([sys.executable, str(REPO / "notebooks" / "make_figure.py"), "-o", str(target)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    with Image.open(target) as picture:
+        assert picture.format == "PNG" and picture.width > 300 and picture.height > 300
+    with Image.open(REPO / "assets" / "similarity.png") as shipped:
+        assert shipped.format == "PNG"
