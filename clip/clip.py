@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 from . import _cache, _registry
-from ._checkpoint import CheckpointError
+from ._checkpoint import CheckpointError, no_checkpoint_error
 from ._layouts import read_state_dict
 from .model import CLIP, model_from_state_dict
 from . import simple_tokenizer as _simple_tokenizer
@@ -141,14 +141,13 @@ def _checkpoint_path(name: PathLike, download_root: Optional[PathLike]) -> str:
     if name in _MODELS:
         return _download(_MODELS[name], _cache.cache_dir(download_root))
     path = os.path.expanduser(name)
-    if os.path.exists(path):
+    if os.path.lexists(path):  # also a broken link or a loop of links: the reader says which
         return path
     release = _release_name(name, _MODELS)
     if release is not None:
         return _download(_MODELS[release], _cache.cache_dir(download_root))
     if _looks_like_path(name):
-        raise FileNotFoundError(f"no checkpoint at {name}; expected a checkpoint file or a release name from "
-                                f"clip.available_models()")
+        raise no_checkpoint_error(name)
     close = difflib.get_close_matches(_normalise(name), [_normalise(m) for m in _MODELS], n=3, cutoff=0.5)
     suggestion = [m for m in _MODELS if _normalise(m) in close]
     hint = f" Did you mean {' or '.join(map(repr, suggestion))}?" if suggestion else ""
@@ -182,7 +181,18 @@ def _build(path: str, device: torch.device) -> CLIP:
         # As the original: the release's float16 weights everywhere but on the CPU (CUDA, and also mps, xpu, ...).
         return model_from_state_dict(state_dict, device=device, half=device.type != "cpu", consume=True)
     except ValueError as e:
-        raise CheckpointError(f"{path} is not a CLIP checkpoint: {e}") from e
+        raise WrongModelError(f"{path} is not a CLIP checkpoint: {e}") from e
+
+
+class WrongModelError(CheckpointError, KeyError):
+    """A checkpoint whose tensors are not those of a CLIP model.
+
+    Also a ``KeyError``, as the original's ``load`` raised from ``build_model`` for such a file, so code written
+    against the original catches it (and a ``RuntimeError``, like every ``CheckpointError``).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError's own __str__ would quote the message
 
 
 def __getattr__(name: str) -> Any:

@@ -55,3 +55,12 @@ def test_weights_land_on_the_requested_device(tmp_path):
     assert {p.device for p in model.parameters()} == {torch.device("cuda", index)}
     jit_model, _ = clip.load(path, device=f"cuda:{index}", jit=True)
     assert {p.device for p in jit_model.parameters()} == {torch.device("cuda", index)}
+
+
+def test_build_model_returns_a_cpu_model_from_cuda_tensors():
+    """As the original's build_model: the model is on the CPU whatever device the state dict's tensors are on."""
+    from clip.model import build_model
+
+    state_dict = {k: v.cuda() for k, v in random_state_dict(TINY_VIT).items()}
+    model = build_model(state_dict)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
