@@ -890,3 +890,13 @@ def test_merge_of_broken_shards_is_one_error_line(capsys, tmp_path, damage):
     code, _, err = run(capsys, "merge", tmp_path / "m.npy")
     assert code == 1 and err.startswith("clip: error: ") and err.count("\n") == 1 and "m.shard-1-of-2" in err
     assert not (tmp_path / "m.npy").exists()
+
+
+def test_the_readmes_first_command_classifies_an_image_the_repository_ships(capsys, checkpoint):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    command = readme.split("```bash\n", 1)[1].split("\n", 1)[0]  # the first shell block's first line
+    words = __import__("shlex").split(command.split(".venv/bin/clip ", 1)[1])
+    assert words[0] == "classify" and (REPO / words[1]).is_file()
+    code, out, err = run(capsys, *words[:1], REPO / words[1], *words[2:], "--model", checkpoint, "--device", "cpu")
+    assert code == 0, err
+    assert out.splitlines()[0] == str(REPO / words[1]) and len(out.splitlines()) == 4  # the image, three labels
