@@ -8,7 +8,7 @@ Checkpoints live under ``benchmarks/_work/`` (git-ignored), built once by ``make
 - ``_work/checkpoints.json``: size and SHA-256 of each file, for the load-by-name measurement.
 
 The weights are random (no real checkpoint can be fetched here); shapes and dtypes are those of the release files,
-read from ``shared/state-dicts/<file>.tsv``.
+read from ``tests/data/state-dicts/<file>.tsv``.
 """
 import json
 import os
@@ -23,24 +23,16 @@ from typing import Dict, List, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / "_work"
-SHARED = REPO.parent / "shared"
 
 # The models the suite measures: the smallest ResNet, the common ViT and the largest common ViT.
 MODELS = {"RN50": "RN50.pt", "ViT-B/32": "ViT-B-32.pt", "ViT-L/14": "ViT-L-14.pt"}
 KINDS = ("archive", "state_dict")
 
-# The integer scalars of release archives are not weights; the float32 model size leaves them out.
-_SCALARS = ("input_resolution", "context_length", "vocab_size")
-
-
 def release_shapes(model: str) -> Dict[str, tuple]:
-    """``{key: (shape, dtype name)}`` of the release checkpoint, from ``shared/state-dicts/<file>.tsv``."""
-    tsv = SHARED / "state-dicts" / (MODELS[model][:-len(".pt")] + ".tsv")
-    rows = {}
-    for line in tsv.read_text().splitlines()[1:]:
-        key, shape, dtype = line.split("\t")
-        rows[key] = (tuple(json.loads(shape)), dtype)
-    return rows
+    """``{key: (shape, dtype name)}`` of the release checkpoint, from ``tests/data/state-dicts/<file>.tsv``."""
+    from tests.checkpoints import release_table
+
+    return release_table(MODELS[model][:-len(".pt")])
 
 
 def release_dims(model: str):
@@ -55,9 +47,11 @@ def release_dims(model: str):
 
 def float32_model_bytes(model: str) -> int:
     """The size of the model's weights in float32 (what a CPU load ends up holding)."""
+    from clip.model import ARCHIVE_SCALAR_KEYS  # the archives' integer scalars are not weights
+
     total = 0
     for key, (shape, _) in release_shapes(model).items():
-        if key not in _SCALARS:
+        if key not in ARCHIVE_SCALAR_KEYS:
             n = 1
             for d in shape:
                 n *= d
@@ -89,11 +83,10 @@ def warm_page_cache(path: Path) -> None:
 
 
 def child_env(threads: Optional[int] = None, **extra: str) -> Dict[str, str]:
-    """The environment of a measuring child process: the repository importable, offline, the vocabulary found."""
+    """The environment of a measuring child process: the repository importable, offline."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["CLIP_OFFLINE"] = "1"
-    env.setdefault("CLIP_BPE_PATH", str(vocabulary_path()))
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
@@ -102,14 +95,8 @@ def child_env(threads: Optional[int] = None, **extra: str) -> Dict[str, str]:
 
 
 def vocabulary_path() -> Path:
-    """A copy of the tokenizer vocabulary: the shared folder's, else the byte-identical one open_clip ships."""
-    shared = SHARED / "bpe_simple_vocab_16e6.txt.gz"
-    if shared.exists():
-        return shared
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    return Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    """The tokenizer vocabulary shipped inside the package."""
+    return REPO / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def run_child(args: List[str], env: Dict[str, str], timeout: float = 900) -> dict:

@@ -5,14 +5,17 @@ of any architecture. ``save_archive`` traces our model in the release dtypes and
 that release archives carry, so the file has the release layout (a TorchScript zip, float16 casts in its graphs).
 """
 import dataclasses
+import json
+import pathlib
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from clip.model import ARCHIVE_SCALAR_KEYS, CLIP, ModelDims, build_model, convert_weights
 
 StateDict = Dict[str, torch.Tensor]
+RELEASE_TABLES = pathlib.Path(__file__).resolve().parent / "data" / "state-dicts"
 
 # A small ViT with the release vocabulary and context, quick to build and run.
 TINY_VIT = ModelDims(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
@@ -21,6 +24,14 @@ TINY_VIT = ModelDims(embed_dim=32, image_resolution=32, vision_layers=2, vision_
 TINY_RN = ModelDims(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
                     vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=64,
                     transformer_heads=1, transformer_layers=2)
+
+
+def release_table(file_stem: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """``{key: (shape, dtype name)}`` of a release checkpoint (``"ViT-B-32"``), from ``data/state-dicts``."""
+    lines = (RELEASE_TABLES / f"{file_stem}.tsv").read_text(encoding="utf-8").splitlines()
+    assert lines[0].split("\t") == ["key", "shape", "dtype"], lines[0]
+    rows = (line.split("\t") for line in lines[1:])
+    return {key: (tuple(json.loads(shape)), dtype) for key, shape, dtype in rows}
 
 
 def random_state_dict(dims: ModelDims = TINY_VIT, seed: int = 0) -> StateDict:

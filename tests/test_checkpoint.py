@@ -9,9 +9,9 @@ import torch
 import clip
 from clip._checkpoint import CheckpointError
 from clip._layouts import read_state_dict
+from clip.model import ARCHIVE_SCALAR_KEYS
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_archive, save_state_dict
 
-SCALARS = ("input_resolution", "context_length", "vocab_size")
 
 
 def assert_same_tensors(got: dict, want: dict) -> None:
@@ -45,7 +45,7 @@ def test_archive_path_never_runs_torchscript(tmp_path, monkeypatch):
 def test_plain_and_wrapped_state_dicts(tmp_path, wrap, prefix):
     state_dict = random_state_dict(TINY_VIT)
     path = save_state_dict(tmp_path / "weights.pth", state_dict, wrap=wrap, prefix=prefix)
-    want = {k: v for k, v in state_dict.items() if k not in SCALARS}
+    want = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALAR_KEYS}
     assert_same_tensors(read_state_dict(path), want)
 
 
@@ -53,13 +53,13 @@ def test_plain_state_dicts_are_mapped_without_torch_load(tmp_path, monkeypatch):
     state_dict = random_state_dict(TINY_VIT)
     path = save_state_dict(tmp_path / "weights.pth", state_dict, wrap="state_dict")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load should not be needed"))
-    want = {k: v for k, v in state_dict.items() if k not in SCALARS}
+    want = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALAR_KEYS}
     assert_same_tensors(read_state_dict(path), want)
 
 
 def test_objects_beyond_tensors_go_to_torch_load_weights_only(tmp_path):
     """A checkpoint with an object our unpickler does not rebuild (a torch.Size) loads through weights_only."""
-    state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in SCALARS}
+    state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in ARCHIVE_SCALAR_KEYS}
     path = tmp_path / "checkpoint.pt"
     torch.save({"state_dict": state_dict, "epoch": 7, "input_shape": torch.Size([3, 32, 32])}, path)
     assert_same_tensors(read_state_dict(str(path)), state_dict)
@@ -77,7 +77,7 @@ def test_compressed_entries_are_read_too(tmp_path):
 
 
 def test_legacy_non_zip_torch_save(tmp_path):
-    state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in SCALARS}
+    state_dict = {k: v for k, v in random_state_dict(TINY_VIT).items() if k not in ARCHIVE_SCALAR_KEYS}
     path = tmp_path / "legacy.pt"
     torch.save(state_dict, path, _use_new_zipfile_serialization=False)
     assert_same_tensors(read_state_dict(str(path)), state_dict)

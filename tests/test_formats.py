@@ -17,6 +17,7 @@ from clip._checkpoint import CheckpointError
 from clip._layouts import read_state_dict
 from clip.clip import load
 from clip.model import ARCHIVE_SCALAR_KEYS, build_model
+from compare import assert_relative_close
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_state_dict
 
 
@@ -52,14 +53,6 @@ def images(resolution: int, n: int = 3, seed: int = 0) -> torch.Tensor:
 def features(output) -> torch.Tensor:
     """A feature tensor from transformers, whose ``get_*_features`` return tensors or output objects by version."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    """Equal to ``rel`` relative to the largest expected magnitude."""
-    assert actual.shape == expected.shape
-    error = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert error <= rel * scale, f"max abs difference {error:.3g} exceeds {rel} * {scale:.3g}"
 
 
 def load_cpu(path):
@@ -129,8 +122,8 @@ def test_release_shaped_safetensors_file_matches_the_state_dict(tmp_path, dims):
     model = load_cpu(path)
     image = images(dims.image_resolution)
     with torch.no_grad():
-        assert_rel_close(model.encode_image(image), reference.encode_image(image))
-        assert_rel_close(model.encode_text(TEXT), reference.encode_text(TEXT))
+        assert_relative_close(model.encode_image(image), reference.encode_image(image))
+        assert_relative_close(model.encode_text(TEXT), reference.encode_text(TEXT))
 
 
 def test_truncated_safetensors_file_names_the_fix(tmp_path, release_safetensors):
@@ -194,9 +187,9 @@ def save_hf(model, folder, weights: str = "safetensors"):
 def assert_same_as_hf(ours, theirs):
     image = images(RESOLUTION)
     with torch.no_grad():
-        assert_rel_close(ours.encode_image(image), features(theirs.get_image_features(pixel_values=image)))
-        assert_rel_close(ours.encode_text(TEXT), features(theirs.get_text_features(input_ids=TEXT)))
-        assert_rel_close(ours.logit_scale, theirs.logit_scale)
+        assert_relative_close(ours.encode_image(image), features(theirs.get_image_features(pixel_values=image)))
+        assert_relative_close(ours.encode_text(TEXT), features(theirs.get_text_features(input_ids=TEXT)))
+        assert_relative_close(ours.logit_scale, theirs.logit_scale)
 
 
 @pytest.mark.parametrize("weights", ["safetensors", "bin"])
@@ -365,9 +358,9 @@ def save_open_clip_folder(model, cfg, folder):
 def assert_same_as_open_clip(ours, theirs):
     image = images(resolution(theirs))
     with torch.no_grad():
-        assert_rel_close(ours.encode_image(image), theirs.encode_image(image))
-        assert_rel_close(ours.encode_text(TEXT), theirs.encode_text(TEXT))
-        assert_rel_close(ours.logit_scale, theirs.logit_scale.reshape(()))
+        assert_relative_close(ours.encode_image(image), theirs.encode_image(image))
+        assert_relative_close(ours.encode_text(TEXT), theirs.encode_text(TEXT))
+        assert_relative_close(ours.logit_scale, theirs.logit_scale.reshape(()))
 
 
 @pytest.mark.parametrize("kind", ["vit", "rn"])

@@ -15,6 +15,7 @@ import clip.clip
 from clip import _jit
 from clip._layouts import read_state_dict
 from clip.model import ARCHIVE_SCALAR_KEYS
+from compare import assert_relative_close
 from checkpoints import TINY_VIT, random_state_dict, save_archive, save_state_dict
 from httpserver import LocalServer
 
@@ -50,11 +51,6 @@ def golden_files(golden, tmp_path_factory):
         save_file(weights, str(folder / f"{name}.safetensors"))
         files[name, "safetensors"] = str(folder / f"{name}.safetensors")
     return files
-
-
-def assert_relative_close(got: torch.Tensor, want: torch.Tensor, tolerance: float = 1e-5) -> None:
-    error = ((got.float() - want).norm() / want.norm()).item()
-    assert error < tolerance, f"relative error {error:.2e}"
 
 
 def outputs_of(model, image: torch.Tensor, text: torch.Tensor) -> dict:

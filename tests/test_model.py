@@ -1,12 +1,9 @@
 """The model modules and build_model: release architectures, strict keys, no random init (text path: test_text_path)."""
-import csv
-import pathlib
-
 import pytest
 import torch
 
-from clip.model import CLIP, build_model, convert_weights, infer_dims
-from checkpoints import TINY_RN, TINY_VIT, random_state_dict
+from clip.model import ARCHIVE_SCALAR_KEYS, CLIP, build_model, convert_weights, infer_dims
+from checkpoints import TINY_RN, TINY_VIT, random_state_dict, release_table
 
 # Facts §1: name -> (embed, image px, vision layers, vision width, patch, text width, text heads, numbers in the
 # state dict).
@@ -21,23 +18,17 @@ RELEASES = {
     "ViT-L-14": (768, 224, 24, 1024, 14, 768, 12, 427_616_513),
     "ViT-L-14-336px": (768, 336, 24, 1024, 14, 768, 12, 427_944_193),
 }
-DTYPES = {"float16": torch.float16, "float32": torch.float32, "int64": torch.int64}
 
 
-def read_tsv(path: pathlib.Path) -> dict:
-    """A meta-device state dict with the keys, shapes and dtypes listed in a release .tsv."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    state_dict = {}
-    for row in rows:
-        shape = [int(n) for n in row["shape"].strip("[]").split(",") if n.strip()]
-        state_dict[row["key"]] = torch.empty(shape, dtype=DTYPES[row["dtype"]], device="meta")
-    return state_dict
+def release_meta_state_dict(name: str) -> dict:
+    """A meta-device state dict with the keys, shapes and dtypes of a release checkpoint."""
+    return {key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            for key, (shape, dtype) in release_table(name).items()}
 
 
 @pytest.mark.parametrize("name", sorted(RELEASES))
-def test_release_architectures(data_dir, name):
-    state_dict = read_tsv(data_dir / "state-dicts" / f"{name}.tsv")
+def test_release_architectures(name):
+    state_dict = release_meta_state_dict(name)
     embed, px, layers, width, patch, text_width, text_heads, params = RELEASES[name]
 
     model = build_model(state_dict)
@@ -55,7 +46,7 @@ def test_release_architectures(data_dir, name):
 
     # Our own state dict has exactly the release keys, shapes and dtypes (less the archive's three scalars).
     ours = model.state_dict()
-    release = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    release = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALAR_KEYS}
     assert set(ours) == set(release)
     for key, tensor in release.items():
         assert ours[key].shape == tensor.shape, key

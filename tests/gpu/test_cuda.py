@@ -6,13 +6,10 @@ import pytest
 import torch
 
 import clip
+from compare import relative_error
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_archive
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float().cpu() - want).norm() / want.norm()).item()
 
 
 def inputs(size: int):
