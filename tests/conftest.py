@@ -53,15 +53,16 @@ def pytest_unconfigure(config):
 
 @pytest.fixture
 def local_network(monkeypatch):
-    """Downloads on: no offline switch, no mirror, no proxy between us and the server on 127.0.0.1.
+    """Downloads on: no offline switch, no mirror, no proxy and no custom CA between us and a server on 127.0.0.1.
 
-    (The environment running the tests may set ``HF_HUB_OFFLINE`` or a proxy.)
+    (The environment running the tests may set ``HF_HUB_OFFLINE``, a proxy or a CA bundle.)
     """
-    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
-                 "http_proxy", "HTTPS_PROXY", "https_proxy"):
+    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+                 "CURL_CA_BUNDLE", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY",
+                 "https_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
 @pytest.fixture(scope="session")

@@ -55,16 +55,9 @@ def gets(server: LocalServer, path: str) -> list:
 
 
 @pytest.fixture(autouse=True)
-def sandbox(monkeypatch, tmp_path):
+def sandbox(monkeypatch, tmp_path, local_network):
     """A fresh cache folder, fast retries, no proxies, no offline switch, and no host but 127.0.0.1."""
-    for name in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "CLIP_DOWNLOAD_BASE", "XDG_CACHE_HOME", "SSL_CERT_FILE",
-                 "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    for scheme in ("http", "https"):
-        monkeypatch.delenv(f"{scheme}_proxy", raising=False)
-        monkeypatch.delenv(f"{scheme.upper()}_PROXY", raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CLIP_DOWNLOAD_RETRIES", str(RETRIES))
     monkeypatch.setenv("CLIP_DOWNLOAD_BACKOFF", str(BACKOFF))
