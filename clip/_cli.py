@@ -11,7 +11,7 @@ import sys
 import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from . import _outputs, _registry
+from . import _cache, _outputs, _registry
 from ._console import CLIError, printable, warn
 
 __all__ = ["main", "build_parser"]
@@ -238,13 +238,6 @@ def _show_warning(message: Warning, category: type, filename: str, lineno: int, 
 # clip models, download, verify: the registry as clients left it, without importing torch
 
 
-def _cache() -> Any:
-    """The cache module: folders, verified-once records, downloads (it imports no torch)."""
-    from . import _cache as cache
-
-    return cache
-
-
 def _models() -> dict:
     """The registry, read now: ``clip.clip._MODELS`` if ``clip.clip`` is loaded (clients replace it), else the table
     it starts as (importing ``clip.clip`` would import torch)."""
@@ -255,7 +248,7 @@ def _models() -> dict:
 def _download(url: str, folder: str) -> str:
     """``clip.clip._download`` if ``clip.clip`` is loaded (clients and tests replace it), else the cache's own."""
     loaded = sys.modules.get("clip.clip")
-    return loaded._download(url, folder) if loaded is not None else _cache().download(url, folder)
+    return loaded._download(url, folder) if loaded is not None else _cache.download(url, folder)
 
 
 def _release_files() -> List[Tuple[str, str, str]]:
@@ -273,11 +266,10 @@ def _format_size(size: Optional[float]) -> str:
 
 
 def _cache_status(url: str, path: str, root: Optional[str]) -> str:
-    cache = _cache()
     try:
-        if cache.cached_path(url, root) is not None:
+        if _cache.cached_path(url, root) is not None:
             return "verified"
-    except cache.DownloadError:  # a registry entry whose URL carries no hash: nothing to verify against
+    except _cache.DownloadError:  # a registry entry whose URL carries no hash: nothing to verify against
         return "cached, no hash to verify" if os.path.isfile(path) else "not cached"
     if os.path.isfile(path):
         return "cached, not verified yet (verified on first load or by 'clip download')"
@@ -304,7 +296,7 @@ def _release_or_error(name: str) -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    folder = _cache().cache_dir(args.download_root)
+    folder = _cache.cache_dir(args.download_root)
     only = _release_or_error(args.model) if args.model else None
     rows = []
     for name, url, file_name in _release_files():
@@ -328,7 +320,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     models = _models()
     releases = list(models) if args.all else [_release_or_error(name) for name in names]
 
-    folder = _cache().cache_dir(args.download_root)
+    folder = _cache.cache_dir(args.download_root)
     failed = 0
     for release in dict.fromkeys(releases):
         try:
@@ -342,11 +334,10 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    cache = _cache()
-    folder = cache.cache_dir(args.download_root)
+    folder = _cache.cache_dir(args.download_root)
     only = _release_or_error(args.model) if args.model else None
     files = [f for name, _url, f in _release_files() if name == only] if only else None
-    results = cache.verify_cache(args.download_root, files=files)
+    results = _cache.verify_cache(args.download_root, files=files)
     for result in results:
         status = "ok" if result.ok else "FAILED"
         print(f"{status:<6}  {result.path}" + ("" if result.ok else f": {result.message}"))

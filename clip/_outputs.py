@@ -8,8 +8,9 @@ import glob
 import os
 import re
 import tempfile
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
+from . import _cache
 from ._console import UNSAFE_CHARACTERS, CLIError, escape_character, printable
 
 Shard = Optional[Tuple[int, int]]
@@ -111,35 +112,12 @@ def _check_writable(folder: str) -> None:
                        "another --output or fix the folder's permissions") from None
 
 
-def write_atomically(path: str, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a new temporary file in its folder (never an existing file or link), moved into
-    place only once complete and flushed to disk."""
-    folder, name = os.path.split(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual mode of a new file
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequence[str]) -> None:
     """Write the row list, then the features: a run counts as finished once its .npy file exists."""
     import numpy as np
 
-    write_atomically(list_path, lambda f: f.write(format_rows(rows)))
-    write_atomically(features_path, lambda f: np.save(f, features, allow_pickle=False))
+    _cache.write_atomically(list_path, lambda f: f.write(format_rows(rows)))
+    _cache.write_atomically(features_path, lambda f: np.save(f, features, allow_pickle=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
