@@ -5,6 +5,7 @@ dicts, so hooks, fine-tuning code and saved checkpoints interoperate with the or
 """
 import dataclasses
 import math
+import pathlib
 import re
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -488,12 +489,22 @@ def _text_path_functions() -> Tuple[Tuple[object, str, object], ...]:
                  if hasattr(owner, name))
 
 
+def _written_in_torch(function: object) -> bool:
+    """Whether ``function`` is torch's own: a C function, or Python code from a file inside a ``torch`` folder."""
+    code = getattr(function, "__code__", None)
+    return code is None or "torch" in pathlib.PurePath(code.co_filename).parts
+
+
 _TEXT_PATH_FUNCTIONS = _text_path_functions()
+# A patch made before this module was imported is in the snapshot itself: it shows as code written elsewhere.
+_PATCHED_BEFORE_IMPORT = not all(_written_in_torch(function) for owner, _, function in _TEXT_PATH_FUNCTIONS
+                                 if getattr(owner, "__module__", None) != __name__)
 
 
 def _torch_patched() -> bool:
-    """Whether any function the text path calls by name was replaced since this module was imported."""
-    return any(getattr(owner, name, None) is not function for owner, name, function in _TEXT_PATH_FUNCTIONS)
+    """Whether a function the text path calls by name is not torch's (or this module's) own."""
+    return _PATCHED_BEFORE_IMPORT or any(getattr(owner, name, None) is not function
+                                         for owner, name, function in _TEXT_PATH_FUNCTIONS)
 
 
 def _overridden_on_instance(module: nn.Module) -> bool:

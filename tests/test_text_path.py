@@ -250,6 +250,22 @@ def test_a_patched_function_sees_77_positions(model, monkeypatch, owner, name):
     assert_close(got, want)
 
 
+def test_a_patch_made_before_import_is_seen():
+    """A patch already in place when clip.model is imported is in its snapshot: it shows as code outside torch."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+original = torch.nn.LayerNorm.forward
+torch.nn.LayerNorm.forward = lambda self, x: original(self, x)
+import clip.model
+print(clip.model._torch_patched())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["True"], result.stderr
+
+
 def test_an_overridden_attention_method_sees_the_full_mask(model):
     """Attention-map code replaces ``attention`` to keep the weights, using the block's 77 x 77 mask."""
 
