@@ -3,12 +3,11 @@ CUDA-graph capture, and features in float16 against float32 on the CPU.
 
 Run them with ``python -m pytest tests/gpu -q`` where ``torch.cuda.is_available()``.
 """
-import warnings
-
 import pytest
 import torch
 
 from checkpoints import TINY_VIT, random_state_dict
+from cuda_syncs import device_syncs
 from clip.model import build_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -21,19 +20,6 @@ def tokens(lengths):
     for row, n in enumerate(lengths):
         text[row, 0], text[row, 1:n + 1], text[row, n + 1] = 49406, torch.arange(400, 400 + n), 49407
     return text
-
-
-def device_syncs(function) -> int:
-    """How many times ``function`` synchronises the host with the device."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            function()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 @pytest.fixture(scope="module")
