@@ -550,12 +550,12 @@ def _runs_eagerly(x: torch.Tensor) -> bool:
 
 
 # What running one more group costs beyond its rows' positions, in row-positions (one row run one position further).
-# CPU: each group reads all the text weights once more (ViT-B/32: 150 MB in float32) and runs smaller, less
-# efficient matrix products; measured on ViT-B/32 with 2 threads, splitting 64 captions of 6-12 tokens into groups
-# was slower than one group, so a split must save the time of a few captions (~100 ms here). CUDA: launching a
-# group's ~250 kernels takes about as long as thousands of positions compute (not measured; a large value, so that
-# a GPU splits a batch only to save much).
-_GROUP_OVERHEAD = {"cpu": 256, "cuda": 4096}
+# CPU: each group reads all the text weights once more (ViT-B/32: 150 MB in float32) and runs smaller matrix
+# products. Measured on ViT-B/32, 2 threads, 64 captions of 6-12 tokens: one group 361 ms, the groups chosen with a
+# cost of 24 (three) 311 ms, with 64 (two) 308 ms; 64 leaves room for machines where products of few rows lose
+# more. CUDA: launching a group's ~250 kernels takes about as long as thousands of positions compute (not measured;
+# a large value, so that a GPU splits a batch only to save much).
+_GROUP_OVERHEAD = {"cpu": 64, "cuda": 4096}
 
 
 def _length_groups(counts: Sequence[int], overhead: int) -> List[Tuple[int, int]]:
