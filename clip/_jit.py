@@ -2,8 +2,8 @@
 
 Release archives were traced on CUDA in float16: their graphs hold ``Device`` constants naming ``cuda`` and
 ``aten::to`` casts to dtype code 5 (float16). Off CUDA, both are rewritten (to the target device and to float32)
-and the parameters are cast to float32, as the original does. Anything that goes wrong returns ``None`` with a warning, and ``load``
-falls back to the plain PyTorch model.
+and the parameters are cast to float32, as the original does. Anything that goes wrong returns ``None`` with a
+warning, and ``load`` falls back to the plain PyTorch model.
 """
 import warnings
 from typing import Iterator, Optional
