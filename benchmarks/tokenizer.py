@@ -5,7 +5,8 @@
 Needs ``open_clip_torch`` (``pip install open_clip_torch``: its tokenizer is OpenAI's code with the same vocabulary,
 and it supplies the 80 prompt templates and the class names) and ``hypothesis`` and ``pytest`` (the restatement of
 the original, ``ReferenceTokenizer``, lives in ``tests/test_tokenizer.py``, where it is the tests' oracle). The
-vocabulary is found as ``benchmarks/_common.vocabulary_path`` says (``CLIP_BPE_PATH`` wins); nothing is downloaded.
+vocabulary is the copy inside the package (``benchmarks/_common.vocabulary_path``), for all three; nothing is
+downloaded.
 
 Every figure comes from a fresh process per tokenizer and workload, so each starts with empty caches:
 
@@ -24,7 +25,8 @@ With ``--candidate DIR`` (repeatable), a scratch copy of the package in DIR (``D
 under the name ``cand:<DIR name>``: a change to try, or the code before one (``git archive <commit> clip | tar -x
 -C DIR``).
 
-Only the tokenizing is timed (imports, ``ftfy``'s included, come before). The best of ``--repeat`` runs is kept. Each child also returns a digest of every id it produced: ours must equal the
+Only the tokenizing is timed (imports, ``ftfy``'s included, come before). The best of ``--repeat`` runs is kept;
+the implementations take turns. Each child also returns a digest of every id it produced: ours must equal the
 reference's (the script says so, and fails otherwise); open_clip's equals them on these texts too.
 """
 import argparse
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from _common import REPO, child_env, median, print_machine, run_child, table
+from _common import REPO, child_env, median, print_machine, run_child, table, vocabulary_path
 
 IMPLEMENTATIONS = ("ours", "open_clip", "reference")
 WORKLOADS = ("prompts", "captions", "messy", "single", "long", "build")
@@ -184,12 +186,18 @@ def child(implementation: str, workload: str, vocab: str, long_length: int) -> D
 # Parent
 
 
-def measure(implementation: str, workload: str, repeat: int, long_length: int, candidates: Dict[str, Path]) -> dict:
-    args = [__file__, "--child", implementation, workload, "--long-word", str(long_length)]
-    extra = {"BENCH_CLIP_PATH": str(candidates[implementation])} if implementation in candidates else {}
-    runs = [run_child(args, child_env(**extra)) for _ in range(repeat)]
-    key = "per_call" if workload == "single" else "seconds"
-    return min(runs, key=lambda run: run[key])
+def measure(implementations: List[str], repeat: int, long_length: int, candidates: Dict[str, Path]) -> dict:
+    """``{(implementation, workload): the best run}``; the implementations take turns, so that a change in the
+    machine's load shows in all of them alike."""
+    runs: Dict[tuple, List[dict]] = {}
+    for _ in range(repeat):
+        for workload in WORKLOADS:
+            for implementation in implementations:
+                args = [__file__, "--child", implementation, workload, "--long-word", str(long_length)]
+                extra = {"BENCH_CLIP_PATH": str(candidates[implementation])} if implementation in candidates else {}
+                runs.setdefault((implementation, workload), []).append(run_child(args, child_env(**extra)))
+    return {key: min(found, key=lambda run: run["per_call" if key[1] == "single" else "seconds"])
+            for key, found in runs.items()}
 
 
 def main() -> None:
@@ -202,7 +210,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, os.environ["CLIP_BPE_PATH"], args.long_word)))
+        print(json.dumps(child(*args.child, str(vocabulary_path()), args.long_word)))
         return
 
     print_machine()
@@ -210,9 +218,8 @@ def main() -> None:
     for path in candidates.values():
         if not (path / "clip" / "simple_tokenizer.py").is_file():
             sys.exit(f"--candidate {path}: no clip/simple_tokenizer.py there; give the folder that holds clip/")
-    implementations = IMPLEMENTATIONS[:1] + tuple(candidates) + IMPLEMENTATIONS[1:]
-    results = {(i, w): measure(i, w, args.repeat, args.long_word, candidates)
-               for w in WORKLOADS for i in implementations}
+    implementations = [IMPLEMENTATIONS[0], *candidates, *IMPLEMENTATIONS[1:]]
+    results = measure(implementations, args.repeat, args.long_word, candidates)
     checked = [w for w in WORKLOADS if w != "build"]
     for implementation in ("ours", *candidates):
         for workload in checked:

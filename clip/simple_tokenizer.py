@@ -47,8 +47,7 @@ class SimpleTokenizer:
     Parameters
     ----------
     bpe_path : str or os.PathLike, optional
-        The gzipped vocabulary (``bpe_simple_vocab_16e6.txt.gz``); by default :func:`default_bpe` finds, or fetches,
-        it.
+        The gzipped vocabulary (``bpe_simple_vocab_16e6.txt.gz``); by default the copy :func:`default_bpe` finds.
 
     Attributes
     ----------

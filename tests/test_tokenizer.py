@@ -1,5 +1,6 @@
-"""The tokenizer: exact ids against golden rows and a plain restatement of the original, its fast paths, its errors,
-its bounded caches, nothing at import, and how the vocabulary is found, fetched and verified.
+"""The tokenizer: exact ids against golden rows and a plain restatement of the original, its fast paths (the heap
+that merges long words in O(n log n) among them), its errors, its bounded caches, nothing at import, and how the
+vocabulary is found and verified.
 
 ``ReferenceTokenizer`` below restates OpenAI's algorithm as plainly as possible (no caches beyond the original's, no
 shortcuts); hypothesis then compares ``clip.simple_tokenizer`` with it on arbitrary and adversarial text.
@@ -701,13 +702,6 @@ def test_an_offline_machine_with_an_empty_cache_tokenizes_exactly(tmp_path, data
 def test_the_packaged_vocabulary_is_the_original(vocab_path):
     assert tk.default_bpe() == str(vocab_path)
     assert hashlib.sha256(vocab_path.read_bytes()).hexdigest() == tk.VOCAB_SHA256
-
-
-def test_the_packaged_vocabulary_equals_the_shared_copy(vocab_path):
-    shared = pathlib.Path(REPO.parent, "shared", tk.VOCAB_NAME)
-    if not shared.is_file():
-        pytest.skip("no ../shared beside this clone (its copy is checked only where it exists)")
-    assert shared.read_bytes() == vocab_path.read_bytes()
 
 
 def test_clip_bpe_path_wins(vocab_path, tmp_path, monkeypatch):
