@@ -185,9 +185,7 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
         except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
             with contextlib.suppress(OSError):
                 os.remove(target + PARTIAL_SUFFIX)
-            raise DownloadError(
-                f"could not write {os.path.basename(target)} into {os.path.dirname(target)} ({error}); free some "
-                "space there or choose another folder with download_root= or CLIP_CACHE_DIR") from error
+            raise _write_error(target, error) from error
         except DownloadError as error:
             if seen.entry.status is None:
                 raise
@@ -377,12 +375,40 @@ def _create(path: str) -> BinaryIO:
 
 
 def _replace_odd_entry(path: str) -> None:
-    """Remove what is at ``path`` if it is not a plain file of its own (the entry itself, never a link's target)."""
+    """Remove what is at ``path`` if it is not a plain file of its own (the entry itself, never a link's target).
+
+    Raises
+    ------
+    DownloadError
+        If it cannot be removed: in a shared folder with the sticky bit, only its owner may.
+    """
     status = _lstat(path)
-    if status is not None and not (stat.S_ISREG(status.st_mode) and status.st_nlink == 1):
-        warnings.warn(f"{path} is {_kind(status) if not stat.S_ISREG(status.st_mode) else 'a hard link'}, not a "
-                      "file of the cache: removed, and a new file made in its place", stacklevel=4)
+    if status is None or (stat.S_ISREG(status.st_mode) and status.st_nlink == 1):
+        return
+    kind = _kind(status) if not stat.S_ISREG(status.st_mode) else "a hard link"
+    try:
         os.remove(path)
+    except OSError as error:
+        raise DownloadError(
+            f"{path} is {kind} (owned by user id {status.st_uid}), not a file of the cache, and it cannot be "
+            f"removed ({error.strerror}); it is never followed nor written. Remove it yourself, or ask its owner "
+            "to, or choose another cache folder with download_root= or CLIP_CACHE_DIR") from None
+    warnings.warn(f"{path} is {kind}, not a file of the cache: removed, and a new file made in its place",
+                  stacklevel=4)
+
+
+def _write_error(target: str, error: OSError) -> DownloadError:
+    """The error for a failed write into the cache folder, with the fix that fits its cause."""
+    folder, name = os.path.split(target)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there"
+    elif error.errno in (errno.EPERM, errno.EACCES):
+        fix = ("check the folder's permissions; an entry another user owns in a shared folder with the sticky bit "
+               "cannot be removed or replaced but by its owner: remove it yourself or ask its owner to")
+    else:
+        fix = "check the folder and its file system"
+    return DownloadError(f"could not write {name} into {folder} ({error}); {fix}, or choose another folder with "
+                         "download_root= or CLIP_CACHE_DIR")
 
 
 def _commit(file: BinaryIO, temporary: str, path: str) -> None:

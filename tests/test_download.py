@@ -923,6 +923,51 @@ def test_a_link_to_the_right_bytes_is_still_replaced_at_the_partial_and_lock_nam
     assert shared.read_bytes() == data and os.stat(shared).st_mtime_ns == before.st_mtime_ns
 
 
+# In a shared cache folder with the sticky bit (mode 1777, like /tmp), another user can plant entries that the
+# downloading user may neither follow nor remove. The download runs as an unprivileged process (as root: one
+# without the capabilities that ignore permissions and the sticky bit); it must never write through what it finds,
+# and must either succeed or stop with an error that names the entry and what to do.
+OTHER_USER = 65534  # "nobody": owns the shared folder and everything planted in it
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links, pipes and users")
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dangling"])
+@pytest.mark.parametrize("name", ["model.pt.partial", "model.pt.lock", "model.pt.sha256.json", "model.pt"])
+def test_entries_another_user_planted_in_a_shared_folder(server, tmp_path, name, kind):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("planting entries as another user needs root, and dropping root's overrides needs setpriv")
+    data = payload()
+    url, path = publish(server, data)
+    victim = tmp_path / "victim"  # the downloading user's own file: writing through the link would succeed
+    victim.write_bytes(VICTIM)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, OTHER_USER, OTHER_USER)
+    os.chmod(shared, 0o1777)
+    planted = shared / name
+    plant(kind, planted, victim)
+    os.lchown(planted, OTHER_USER, OTHER_USER)
+    done = subprocess.run(ROOT_WITHOUT_OVERRIDES + [sys.executable, "-c", READ_ONLY, MODULE, url, "always"],
+                          cwd=REPO, env=child_env(CLIP_CACHE_DIR=str(shared)), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert victim.read_bytes() == VICTIM and not os.path.lexists(tmp_path / "nowhere")
+    assert os.lstat(planted).st_uid == OTHER_USER  # still there: it could not be removed
+    if name.endswith(".sha256.json"):  # only the record could not be written: the file is used, and hashed
+        assert done.stdout.strip() == str(shared / "model.pt") and (shared / "model.pt").read_bytes() == data
+        assert "no record of that can be written" in done.stderr
+        assert sorted(os.listdir(shared)) == ["model.pt", "model.pt.lock", name]
+        return
+    out = done.stdout
+    assert out.startswith("DownloadError:") and str(planted) in out, out
+    assert ("cannot be removed" in out) if name != "model.pt" else ("cannot be removed or replaced" in out), out
+    assert "CLIP_CACHE_DIR" in out and "free some space" not in out, out
+    assert not os.path.lexists(shared / "model.pt") or name == "model.pt"
+    left = {entry for entry in os.listdir(shared) if entry not in (name, "model.pt.lock")}
+    assert left == set(), left  # no partial or temporary file of ours is left behind
+    assert len(gets(server, path)) == (1 if name == "model.pt" else 0)  # stopped before the download if it can
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
 def test_a_record_behind_a_link_vouches_for_nothing(server, sandbox, tmp_path):
     data = payload()
