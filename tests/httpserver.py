@@ -118,6 +118,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return None
 
     def _empty(self, path: str, status: int, **headers: str) -> None:
+        # Recorded before it is sent: a client that retries at once could otherwise have its next request answered
+        # and recorded first (each request has its own thread).
+        self.server.owner.responses.append((path, status, 0))
         body = f"{status}\n".encode()
         self.send_response(status)
         for name, value in headers.items():
@@ -125,7 +128,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server.owner.responses.append((path, status, 0))
 
 
 class LocalServer:
