@@ -33,7 +33,6 @@ __all__ = ["CacheCheck", "DownloadError", "cache_dir", "cached_path", "download"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-CHUNK_SIZE = 1 << 20  # 1 MiB per hash step: per-call overhead vanishes, memory stays flat
 LOCK_TIMEOUT = 6 * 3600.0  # another process may be fetching 1.35 GB over a slow link; past this, something is stuck
 RECORD_MAX_BYTES = 1 << 16  # a record is about 150 bytes; a bigger "record" is not ours and is not read
 
@@ -169,9 +168,10 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     if offline is not None:
         raise DownloadError(_offline_message(offline, label, target, expected, sources, seen))
     with _locked(target, f"{label} {_state(seen, expected)}"):
-        if _look(target).identity != seen.entry.identity:
+        now = _look(target)
+        if now.identity != seen.entry.identity:
             # The file appeared or changed while we waited for the lock: most likely another process downloaded it.
-            seen = _inspect(target, expected)
+            seen = _inspect(target, expected, now)
             if seen.ok:
                 return target
         if seen.entry.status is not None:
@@ -358,12 +358,17 @@ def _open_file(path: str, flags: int) -> Optional[int]:
         return None
     status = os.fstat(descriptor)
     writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
-    if not stat.S_ISREG(status.st_mode) or (writes and status.st_nlink != 1):
+    if not stat.S_ISREG(status.st_mode) or (writes and not _own_file(status)):
         os.close(descriptor)
         raise _NotAFile(f"{path} is not a plain file of its own")
     if _NONBLOCK:
         os.set_blocking(descriptor, True)
     return descriptor
+
+
+def _own_file(status: os.stat_result) -> bool:
+    """Whether an entry is a plain file with no other name (writing a hard link would change another file)."""
+    return stat.S_ISREG(status.st_mode) and status.st_nlink == 1
 
 
 def _create(path: str) -> BinaryIO:
@@ -383,7 +388,7 @@ def _replace_odd_entry(path: str) -> None:
         If it cannot be removed: in a shared folder with the sticky bit, only its owner may.
     """
     status = _lstat(path)
-    if status is None or (stat.S_ISREG(status.st_mode) and status.st_nlink == 1):
+    if status is None or _own_file(status):
         return
     kind = _kind(status) if not stat.S_ISREG(status.st_mode) else "a hard link"
     try:
@@ -474,7 +479,7 @@ def _sha256_of(path: str) -> "hashlib._Hash":
 
 
 def _hash_rest(file: BinaryIO, digest) -> "hashlib._Hash":
-    for block in iter(lambda: file.read(CHUNK_SIZE), b""):
+    for block in iter(lambda: file.read(_http.CHUNK_SIZE), b""):
         digest.update(block)
     return digest
 
@@ -526,10 +531,10 @@ def _write_record(target: str, sha256: str, entry: _Entry) -> None:
     write_atomically(target + RECORD_SUFFIX, lambda file: file.write(text.encode("utf-8")))
 
 
-def _inspect(target: str, expected: str) -> _Seen:
+def _inspect(target: str, expected: str, entry: Optional[_Entry] = None) -> _Seen:
     """Look at the cached file (or the plain file its link leads to): trusted by its record, or hashed (and then
-    recorded if the folder allows)."""
-    entry = _look(target)
+    recorded if the folder allows). ``entry`` is what `_look` just saw there, if the caller has it."""
+    entry = _look(target) if entry is None else entry
     if entry.file is None:
         return _Seen(ok=False, entry=entry)
     if _record_matches(target, expected, entry):
@@ -647,12 +652,13 @@ def _fetch(sources: Sequence[str], target: str, expected: str, label: str, setti
            opener) -> None:
     """Put the verified file at ``target`` from the first source that gives it, or raise DownloadError."""
     partial = target + PARTIAL_SUFFIX
+    limit = _size_bound(target)
     sink = _open_partial(partial)
     failures = []
     try:
         for url in sources:
             try:
-                _fetch_from(url, sink, expected, settings, opener, label, _size_bound(target))
+                _fetch_from(url, sink, expected, settings, opener, label, limit)
             except _http.TransferError as failure:
                 failures.append(f"{url}: {failure}")
                 continue

@@ -102,10 +102,10 @@ def is_offline() -> bool:
 class Settings:
     """How transfers behave, each value read from its environment variable (see the README)."""
 
-    timeout: float = DEFAULT_TIMEOUT
-    retries: int = DEFAULT_RETRIES
-    backoff: float = DEFAULT_BACKOFF
-    min_rate: float = DEFAULT_MIN_RATE
+    timeout: float
+    retries: int
+    backoff: float
+    min_rate: float
 
     @classmethod
     def from_environment(cls) -> "Settings":
