@@ -132,9 +132,7 @@ def read_file(path: str) -> StateDict:
     """
     path = os.fspath(path)
     size = check_regular_file(path)
-    with open(path, "rb") as f:
-        head = f.read(_SAFETENSORS_HEADER_LENGTH.size + 1)
-    header_length = _safetensors_header_length(head)
+    header_length = _claimed_header_length(path)
     if header_length is not None:
         if header_length > size - _SAFETENSORS_HEADER_LENGTH.size:
             raise CheckpointError(
@@ -153,8 +151,10 @@ def read_file(path: str) -> StateDict:
 # safetensors
 
 
-def _safetensors_header_length(head: bytes) -> Optional[int]:
-    """The header length a file's first bytes claim, when they start like a safetensors file; else None."""
+def _claimed_header_length(path: str) -> Optional[int]:
+    """The header length the file's first bytes claim, when they start like a safetensors file; else None."""
+    with open(path, "rb") as f:
+        head = f.read(_SAFETENSORS_HEADER_LENGTH.size + 1)
     if len(head) < _SAFETENSORS_HEADER_LENGTH.size + 1 or head[-1:] != b"{":
         return None
     (length,) = _SAFETENSORS_HEADER_LENGTH.unpack(head[:_SAFETENSORS_HEADER_LENGTH.size])
@@ -166,8 +166,7 @@ def is_safetensors(path: str) -> bool:
     """Whether ``path`` is a safetensors file whose header fits in it, judged by its first bytes alone."""
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            length = _safetensors_header_length(f.read(_SAFETENSORS_HEADER_LENGTH.size + 1))
+        length = _claimed_header_length(path)
     except OSError:
         return False
     return length is not None and length <= size - _SAFETENSORS_HEADER_LENGTH.size
@@ -535,7 +534,7 @@ def _read_entry(archive: zipfile.ZipFile, raw: BinaryIO, name: str, dtype: torch
         raise CheckpointError(f"{path}: data.pkl names the storage entry {name}, which the zip lacks; the file is "
                               f"damaged")
     info = archive.getinfo(name)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     nbytes = numel * itemsize
     if info.file_size != nbytes:  # file_size itself was bounded by the archive's size in _check_entries
         raise CheckpointError(f"{path}: entry {name} has {info.file_size:,} bytes, expected {nbytes:,}; it is "
@@ -585,6 +584,6 @@ def _map_entry(raw: BinaryIO, offset: int, numel: int, dtype: torch.dtype) -> to
     writes never reach the file.
     """
     start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps must start on a granularity boundary
-    length = offset - start + numel * torch.empty((), dtype=dtype).element_size()
+    length = offset - start + numel * dtype.itemsize
     mapped = mmap.mmap(raw.fileno(), length, offset=start, access=mmap.ACCESS_COPY)
     return torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset - start)

@@ -81,10 +81,10 @@ def _patch_float16_casts(model: torch.jit.ScriptModule) -> None:
             if not (constant.hasAttribute("value") and constant.kindOf("value") == "i"
                     and constant.i("value") == _FLOAT16):
                 continue
-            uses = constant.output().uses()
-            if not any(use.user.kind() == "aten::to" and _takes_dtype(use) for use in uses):
+            uses = [(use, _takes_dtype(use)) for use in constant.output().uses()]
+            if not any(use.user.kind() == "aten::to" and dtype for use, dtype in uses):
                 continue
-            integer_uses = [use for use in uses if not _takes_dtype(use)]
+            integer_uses = [use for use, dtype in uses if not dtype]
             if integer_uses:
                 integer = graph.create("prim::Constant")
                 integer.i_("value", _FLOAT16)

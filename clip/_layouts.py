@@ -12,12 +12,12 @@ import os
 import re
 import reprlib
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._checkpoint import CheckpointError, format_keys, read_file
-from .model import StateDictError, infer_dims
+from .model import StateDictError, _is_causal, infer_dims
 
 __all__ = ["read_state_dict", "read_folder", "to_openai_layout"]
 
@@ -93,13 +93,21 @@ def read_folder(path: str) -> StateDict:
         return state_dict
     hf_config = os.path.join(path, HF_CONFIG)
     if os.path.isfile(hf_config):
-        expected = _check_hf_config(_read_json(hf_config), hf_config)
-        state_dict = _hf_to_openai(_read_weights(path, HF_WEIGHTS, HF_CONFIG), path)
-        _check_agreement(expected, state_dict, hf_config, path)
-        return state_dict
+        return _hf_checked(lambda: _read_weights(path, HF_WEIGHTS, HF_CONFIG), hf_config, path)
     raise IsADirectoryError(
         f"{path} is a directory without {HF_CONFIG} (Hugging Face) or {OPEN_CLIP_CONFIG} (open_clip); expected a "
         f"checkpoint file (.pt, .pth, .safetensors), such a folder, or a release name from clip.available_models()")
+
+
+def _hf_checked(read_tensors: Callable[[], Mapping[str, torch.Tensor]], config: str, path: str) -> StateDict:
+    """A Hugging Face CLIPModel's tensors in our layout, once its ``config`` is supported and agrees with them.
+
+    The config is checked first, so a folder with a bad config fails before its weights are read.
+    """
+    expected = _check_hf_config(_read_json(config), config)
+    state_dict = _hf_to_openai(read_tensors(), path)
+    _check_agreement(expected, state_dict, config, path)
+    return state_dict
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -204,10 +212,7 @@ def to_openai_layout(state_dict: StateDict, path: str) -> StateDict:
     if any(key.startswith(("text_model.", "vision_model.")) for key in state_dict):
         config = os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG)
         if os.path.isfile(config):
-            expected = _check_hf_config(_read_json(config), config)
-            converted = _hf_to_openai(state_dict, path)
-            _check_agreement(expected, converted, config, path)
-            return converted
+            return _hf_checked(lambda: state_dict, config, path)
         warnings.warn(f"{path} holds a Hugging Face CLIPModel state dict without its {HF_CONFIG}, so its "
                       f"activation and attention heads cannot be checked; assuming the OpenAI architecture "
                       f"(quick_gelu, 64-dimensional heads). Load the saved folder to have them checked",
@@ -291,8 +296,7 @@ def _check_causal_mask(mask: torch.Tensor, key: str, positions: Optional[torch.T
         raise CheckpointError(f"{path}: {key} has shape {tuple(mask.shape)}, where the causal attention mask of the "
                               f"text transformer is context length x context length (positional_embedding: "
                               f"{None if positions is None else tuple(positions.shape)})")
-    expected = torch.full((n, n), float("-inf")).triu_(1)
-    if not torch.equal(mask.float(), expected):
+    if not _is_causal(mask.float(), n):
         raise CheckpointError(f"{path}: {key} is not the causal attention mask that clip's text transformer uses; a "
                               f"text tower with another mask is not supported")
 

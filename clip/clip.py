@@ -15,7 +15,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from . import _cache, _registry
 from ._checkpoint import CheckpointError, no_checkpoint_error
 from ._layouts import read_state_dict
-from .model import CLIP, model_from_state_dict
+from .model import CLIP, StateDictError, model_from_state_dict
 from . import simple_tokenizer as _simple_tokenizer
 from .simple_tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401  (the original's alias; clients import it)
 
@@ -184,15 +184,13 @@ def _build(path: str, device: torch.device) -> CLIP:
         raise WrongModelError(f"{path} is not a CLIP checkpoint: {e}") from e
 
 
-class WrongModelError(CheckpointError, KeyError):
+class WrongModelError(CheckpointError, StateDictError):
     """A checkpoint whose tensors are not those of a CLIP model.
 
-    Also a ``KeyError``, as the original's ``load`` raised from ``build_model`` for such a file, so code written
-    against the original catches it (and a ``RuntimeError``, like every ``CheckpointError``).
+    Also a ``KeyError`` (through ``StateDictError``), as the original's ``load`` raised from ``build_model`` for such
+    a file, so code written against the original catches it (and a ``RuntimeError``, like every
+    ``CheckpointError``).
     """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""  # KeyError's own __str__ would quote the message
 
 
 def __getattr__(name: str) -> Any:
