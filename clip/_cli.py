@@ -281,9 +281,7 @@ def _release_or_error(name: str) -> str:
     models = _models()
     if name in models:
         return name
-    # load()'s other spellings: any case, the file's ("ViT-B-32" for "ViT-B/32", "ViT-L-14-336px").
-    wanted = name.lower().replace("/", "-").replace("@", "-")
-    release = next((m for m in models if m.lower().replace("/", "-").replace("@", "-") == wanted), None)
+    release = _registry.release_name(name, models)  # load()'s other spellings: any case, the file's
     if release is None:
         from . import clip as clip_module  # only on this error path: the same message, with suggestions, as load()
 
@@ -358,8 +356,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         summary += f", {unchecked} never verified"
     print(f"\n{summary} in {folder}")
     return 1 if failed else 0
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------

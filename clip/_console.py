@@ -14,9 +14,10 @@ PROGRESS_INTERVAL = 0.1
 # sequences, carriage returns, the line breaks and separators that str.splitlines splits at), the Unicode line and
 # paragraph separators, and the lone surrogates that stand for the undecodable bytes of a file name that is not
 # UTF-8 (they cannot be encoded for output). Those JSON leaves raw are the ones past U+001F.
-UNSAFE_CHARACTERS = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+_UNSAFE_PAST_C0 = "\x7f-\x9f\u2028\u2029\ud800-\udfff"
+UNSAFE_CHARACTERS = "\x00-\x1f" + _UNSAFE_PAST_C0
 _UNSAFE = re.compile(f"[{UNSAFE_CHARACTERS}]")
-_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNSAFE_IN_JSON = re.compile(f"[{_UNSAFE_PAST_C0}]")
 
 
 class CLIError(Exception):

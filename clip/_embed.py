@@ -9,7 +9,7 @@ import json
 import os
 import stat
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -160,9 +160,7 @@ def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, n
 
 def normalised(features: torch.Tensor) -> torch.Tensor:
     """Float32 rows of unit length, so a dot product is a cosine similarity."""
-    import torch.nn.functional as F
-
-    return F.normalize(features.float(), dim=-1)
+    return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
 def _show_progress(args: argparse.Namespace) -> Optional[bool]:
@@ -191,10 +189,9 @@ def _read_labels(args: argparse.Namespace) -> List[str]:
     if args.labels_file is not None:
         try:
             with open(args.labels_file, encoding="utf-8") as f:
-                labels = [line.strip() for line in f]
+                labels = _nonblank_lines(f)
         except (OSError, UnicodeDecodeError) as error:
             args.parser.error(f"cannot read --labels-file: {error}")
-        labels = [label for label in labels if label]
         if not labels:
             args.parser.error(f"no labels in {args.labels_file}: write one label per line")
         return labels
@@ -265,10 +262,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
 # clip embed
 
 
+def _nonblank_lines(lines: Iterable[str]) -> List[str]:
+    """The lines with surrounding white space stripped, blank ones left out."""
+    return [line for line in map(str.strip, lines) if line]
+
+
 def _read_texts(path: str) -> List[str]:
     try:
         with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+            return _nonblank_lines(f)
     except UnicodeDecodeError as error:
         raise CLIError(f"{printable(path)} is not UTF-8 text ({error}); clip embed takes a folder of images or a "
                        "text file with one text per line") from None

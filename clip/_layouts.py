@@ -284,8 +284,9 @@ def _reject_unsupported(state_dict: Mapping[str, torch.Tensor], path: str) -> No
     if "visual.class_embedding" in state_dict and "visual.ln_pre.weight" not in state_dict:
         found.append("no LayerNorm before the image transformer (open_clip no_ln_pre)")
     if found:
-        raise CheckpointError(f"{path} holds a model with parts that clip's model does not have: {'; '.join(found)}. Only "
-                     f"the OpenAI CLIP architectures are supported; load this checkpoint with open_clip instead")
+        raise CheckpointError(f"{path} holds a model with parts that clip's model does not have: {'; '.join(found)}. "
+                              f"Only the OpenAI CLIP architectures are supported; load this checkpoint with open_clip "
+                              f"instead")
 
 
 def _check_causal_mask(mask: torch.Tensor, key: str, positions: Optional[torch.Tensor], path: str) -> None:

@@ -83,14 +83,14 @@ def prepare_outputs(features_path: str, list_path: str, *, overwrite: bool, shar
     and, without ``overwrite``, one output that exists without the other (a user's file, not a finished run), except
     the row list of an unfinished shard, which the rerun replaces.
     """
-    for path in (features_path, list_path):
+    features_exist, list_exists = os.path.exists(features_path), os.path.exists(list_path)
+    for path, exists in ((features_path, features_exist), (list_path, list_exists)):
         if os.path.isdir(path):
             raise CLIError(f"--output: {printable(path)} is a folder; name a .npy file, e.g. "
                            f"{printable(os.path.join(path, 'features.npy'))}")
-        if any(os.path.exists(item) and os.path.samefile(path, item) for item in inputs if os.path.exists(path)):
+        if exists and any(os.path.exists(item) and os.path.samefile(path, item) for item in inputs):
             raise CLIError(f"--output {printable(features_path)} would overwrite the input {printable(path)}; "
                            "choose another output name")
-    features_exist, list_exists = os.path.exists(features_path), os.path.exists(list_path)
     if features_exist and list_exists and not overwrite:
         return True
     if (features_exist or list_exists) and not overwrite and not (sharded and list_exists):

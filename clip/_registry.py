@@ -5,7 +5,7 @@ the command line lists it without importing torch.
 """
 import posixpath
 import urllib.parse
-from typing import Dict
+from typing import Dict, Optional
 
 # The release checkpoints. The folder in each URL is the SHA-256 of the file, which downloads are verified against.
 MODELS: Dict[str, str] = {
@@ -27,6 +27,17 @@ APPROXIMATE_SIZES: Dict[str, int] = {
     "RN50x64.pt": 1_350_000_000, "ViT-B-32.pt": 354_000_000, "ViT-B-16.pt": 351_000_000,
     "ViT-L-14.pt": 933_000_000, "ViT-L-14-336px.pt": 934_000_000,
 }
+
+
+def normalise(name: str) -> str:
+    """A name in a comparable form: case-insensitive, the file spelling ("ViT-B-32") equal to the registry's."""
+    return name.lower().replace("/", "-").replace("@", "-")
+
+
+def release_name(name: str, models: Dict[str, str]) -> Optional[str]:
+    """The key of ``models`` that ``name`` spells in another way ("vit-b-32" for "ViT-B/32"), if any."""
+    wanted = normalise(name)
+    return next((m for m in models if normalise(m) == wanted), None)
 
 
 def file_name(url: str) -> str:

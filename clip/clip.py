@@ -143,13 +143,14 @@ def _checkpoint_path(name: PathLike, download_root: Optional[PathLike]) -> str:
     path = os.path.expanduser(name)
     if os.path.lexists(path):  # also a broken link or a loop of links: the reader says which
         return path
-    release = _release_name(name, _MODELS)
+    release = _registry.release_name(name, _MODELS)
     if release is not None:
         return _download(_MODELS[release], _cache.cache_dir(download_root))
     if _looks_like_path(name):
         raise no_checkpoint_error(name)
-    close = difflib.get_close_matches(_normalise(name), [_normalise(m) for m in _MODELS], n=3, cutoff=0.5)
-    suggestion = [m for m in _MODELS if _normalise(m) in close]
+    spellings = {_registry.normalise(m): m for m in _MODELS}
+    close = difflib.get_close_matches(_registry.normalise(name), list(spellings), n=3, cutoff=0.5)
+    suggestion = [spellings[c] for c in close]
     hint = f" Did you mean {' or '.join(map(repr, suggestion))}?" if suggestion else ""
     raise RuntimeError(f"Model {name} not found.{hint} Available models = {available_models()}; "
                        f"a checkpoint can also be given by its file path")
@@ -161,17 +162,6 @@ def _looks_like_path(name: str) -> bool:
     return (os.path.isabs(name) or name.startswith((".", "~"))
             or os.path.splitext(name)[1].lower() in (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
             or (bool(folder) and os.path.isdir(folder)))
-
-
-def _normalise(name: str) -> str:
-    """A name in a comparable form: case-insensitive, the file spelling ("ViT-B-32") equal to the registry's."""
-    return name.lower().replace("/", "-").replace("@", "-")
-
-
-def _release_name(name: str, models: dict) -> Optional[str]:
-    """The registry key that ``name`` spells in another way ("vit-b-32" for "ViT-B/32"), if any."""
-    wanted = _normalise(name)
-    return next((m for m in models if _normalise(m) == wanted), None)
 
 
 def _build(path: str, device: torch.device) -> CLIP:

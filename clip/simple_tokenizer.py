@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import array
 import operator
-import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -21,7 +20,7 @@ import torch
 
 from ._bpe import merge
 from ._cleaning import chunks
-from ._vocab import (END_OF_TEXT, END_OF_WORD, START_OF_TEXT, bytes_to_unicode, default_bpe, read_merges,
+from ._vocab import (END_OF_TEXT, END_OF_WORD, START_OF_TEXT, PathLike, bytes_to_unicode, default_bpe, read_merges,
                      symbols_in_id_order)
 
 # The rest of the original's module map, where clients import it from.
@@ -65,7 +64,7 @@ class SimpleTokenizer:
         The original's word-splitting pattern.
     """
 
-    def __init__(self, bpe_path: Optional[Union[str, "os.PathLike[str]"]] = None) -> None:
+    def __init__(self, bpe_path: Optional[PathLike] = None) -> None:
         if bpe_path is None:
             bpe_path = default_bpe()
         self.byte_encoder = bytes_to_unicode()
@@ -121,10 +120,7 @@ class SimpleTokenizer:
             self._ids_cache[key] = ids
 
     def _chunk_ids(self, chunk: str) -> "array.array[int]":
-        """The ids of one space-free piece of cleaned text, through the cache."""
-        ids = self._ids_cache.get(chunk)
-        if ids is not None:
-            return ids
+        """The ids of one space-free piece of cleaned text that is not in the cache (``_ids`` looks first)."""
         found = array.array("i")
         for word in self.pat.findall(chunk):
             word_ids = self._ids_cache.get(word)
