@@ -28,7 +28,7 @@ import filelock
 
 from . import _http, _registry
 
-__all__ = ["CacheCheck", "DownloadError", "cache_dir", "cached_path", "download", "sha256_from_url",
+__all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "download", "sha256_from_url",
            "verify_cache", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -49,6 +49,10 @@ _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 class DownloadError(RuntimeError):
     """A file could not be downloaded or verified; the message says what was tried and what to do."""
+
+
+class CacheFolderError(DownloadError, FileExistsError):
+    """A file stands where the cache folder should be: the original's ``FileExistsError`` from ``os.makedirs``."""
 
 
 class _NotAFile(OSError):
@@ -605,7 +609,8 @@ def _locked(target: str, what: str) -> Iterator[None]:
             f"waited {LOCK_TIMEOUT:.0f} s for {target + LOCK_SUFFIX}, held by another process downloading "
             f"{os.path.basename(target)}; if no such process runs any more, delete the lock file") from error
     except OSError as error:
-        raise DownloadError(
+        kind = CacheFolderError if isinstance(error, FileExistsError) else DownloadError
+        raise kind(
             f"{what}, and it must be downloaded into {folder}, which cannot be written ({error}); choose a writable "
             "folder with download_root= or CLIP_CACHE_DIR, or put the verified file there") from error
     try:

@@ -159,6 +159,8 @@ class SimpleTokenizer:
         list of int
             The ids, without the start and end tokens.
         """
+        if isinstance(text, bytes):  # the original's ftfy raised UnicodeError for bytes
+            raise UnicodeError("encode() takes a str, not bytes: decode it first (text.decode('utf-8'))")
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
         return self._ids(text).tolist()
