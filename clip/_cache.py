@@ -28,7 +28,7 @@ import filelock
 
 from . import _http, _registry
 
-__all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "download", "sha256_from_url",
+__all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "check_file", "cache_dir", "cached_path", "download", "sha256_from_url",
            "verify_cache", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -317,10 +317,14 @@ def _offline_message(variable: str, label: str, target: str, expected: str, sour
         f"{variable}={os.environ[variable]} is set, so clip does not use the network, and "
         f"{label} {_state(seen, expected)}.\n"
         f"To use it offline, fetch it on a machine with network access from one of:{urls}\n"
-        f"check that its SHA-256 is {expected}, and put it at {target}{kept} "
-        f"(the folder {os.path.dirname(target)}, chosen by download_root or CLIP_CACHE_DIR).\n"
+        f"check that its SHA-256 is {expected}, and put it at {target}{kept}.\n"
+        f"{_LOCAL_FILE_HINT}\n"
         f"Or unset {variable} to let clip download it."
     )
+
+
+# The simplest way forward on a machine without network: a checkpoint file already at hand needs no cache.
+_LOCAL_FILE_HINT = "A checkpoint file you already have loads from its path: clip.load(PATH), or --model PATH."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -568,6 +572,11 @@ def _check_recorded(target: str) -> CacheCheck:
     if not isinstance(expected, str):
         return CacheCheck(target, "", False,
                           f"the record {target + RECORD_SUFFIX} is unreadable: delete it; the next load re-checks")
+    return check_file(target, expected)
+
+
+def check_file(target: str, expected: str) -> CacheCheck:
+    """Re-hash the file at ``target`` (streaming, writing nothing) against the ``expected`` SHA-256."""
     entry = _look(target)
     if entry.status is None:
         return CacheCheck(target, expected, False, "missing: the record has no file beside it")
@@ -683,7 +692,7 @@ def _fetch(sources: Sequence[str], target: str, expected: str, label: str, setti
         f"could not download {label} into {os.path.dirname(target)}; tried:{tried}\n{kept}"
         "Check the network and any proxy (HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE), then try again; or fetch the file "
         f"from one of those URLs yourself, check that its SHA-256 is {expected}, and put it at {target}; or set "
-        "CLIP_DOWNLOAD_BASE to a mirror that has it."
+        f"CLIP_DOWNLOAD_BASE to a mirror that has it.\n{_LOCAL_FILE_HINT}"
     )
 
 
