@@ -28,8 +28,8 @@ import filelock
 
 from . import _http, _registry
 
-__all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "check_file", "cache_dir", "cached_path", "download", "sha256_from_url",
-           "verify_cache", "write_atomically"]
+__all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "check_file", "download",
+           "sha256_from_url", "verify_cache", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -151,7 +151,8 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     Raises
     ------
     DownloadError
-        If no source gave the right bytes, the cache folder cannot be written, a setting is invalid, or the machine
+        If no source gave the right bytes, the cache folder cannot be written, a folder stands at the file's
+        path, a setting is invalid, or the machine
         is offline (``CLIP_OFFLINE``) and the file is not in the cache; the message names the URLs tried, the
         hashes, the bytes received, the folder and what to do. A wrong file found in the cache is left in place
         until a verified one replaces it; a link there is replaced itself, and what it leads to is never written.
@@ -161,6 +162,11 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     seen = _inspect(target, expected)
     if seen.ok:
         return target
+    if seen.entry.status is not None and stat.S_ISDIR(seen.entry.status.st_mode):
+        # No file can replace a folder: fail before any download, as the original did.
+        raise DownloadError(f"{target} is a folder, so {os.path.basename(target)} cannot be put there: move or "
+                            "remove the folder, or choose another cache folder with download_root= or "
+                            "CLIP_CACHE_DIR")
     label = _describe(url, target)
     try:
         offline = _http.offline_variable()

@@ -882,6 +882,15 @@ def plant(kind: str, path: pathlib.Path, victim: pathlib.Path) -> None:
         os.symlink(path.name, path)
 
 
+def test_a_folder_at_the_file_s_path_fails_before_any_request(server, sandbox):
+    """No file can replace a folder: the original's RuntimeError at once, and nothing fetched."""
+    url, _ = publish(server, payload())
+    (sandbox / "model.pt").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="model.pt is a folder"):
+        _cache.download(url)
+    assert server.requests == [] and (sandbox / "model.pt").is_dir()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links and pipes")
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "loop", "dangling", "folder link"])
 @pytest.mark.parametrize("name", ["model.pt.partial", "model.pt.lock", "model.pt.sha256.json", "model.pt"])
