@@ -599,10 +599,15 @@ def test_caches_are_bounded_and_stay_exact(monkeypatch, vocab_path, reference):
     assert "z" * 200 not in tokenizer._ids_cache  # long pieces are not cached at all
 
 
-def _thread_texts(count):
-    """Texts of new words each (so the caches keep filling and being replaced) around literal special tokens."""
+def _new_words(count):
+    """``count`` random lower-case words: new to any cache, so the caches keep filling and being replaced."""
     rng = random.Random(20)
-    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(4 * count)]
+    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(count)]
+
+
+def _thread_texts(count):
+    """Texts of new words around literal special tokens."""
+    words = _new_words(4 * count)
     return [f"{words[4 * i]}<|endoftext|>{words[4 * i + 1]} <|startoftext|> {words[4 * i + 2]} "
             f"x<|endoftext|>{words[4 * i + 3]}" for i in range(count)]
 
@@ -633,7 +638,7 @@ def _in_threads(work, items, threads=8):
 def test_threads_tokenize_exactly_while_the_caches_are_replaced(monkeypatch, vocab_path):
     """8 threads share one tokenizer whose caches fill and are replaced every few texts: each row equals the row
     one thread alone gives (a cache cleared in place let a thread miss the special tokens and cache wrong ids)."""
-    monkeypatch.setattr(tk, "_CACHE_LIMIT", 40)
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", 4)  # two special entries and two others: replaced all the time
     texts = _thread_texts(1500)
     expected = tk.SimpleTokenizer(str(vocab_path))._tokenize(texts, 77, False).tolist()
     assert all(row.count(EOT) == 3 and row.count(SOT) == 2 for row in expected)  # the literal ones, and the end
@@ -644,11 +649,13 @@ def test_threads_tokenize_exactly_while_the_caches_are_replaced(monkeypatch, voc
 
 
 def test_threads_get_the_original_bpe_while_its_cache_is_replaced(monkeypatch, vocab_path):
-    monkeypatch.setattr(tk, "_CACHE_LIMIT", 40)
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", 4)  # two special entries and two others: replaced all the time
+    words = _new_words(6000)  # ASCII: bpe() takes them as they are
+    specials = ["<|endoftext|>", "<|startoftext|>"]
+    tokens = [token for n, word in enumerate(words) for token in (word, specials[n % 2])]  # every other one special
     single = tk.SimpleTokenizer(str(vocab_path))
-    tokens = [token for text in _thread_texts(600) for token in single.pat.findall(text)]  # ASCII: bytes as-is
     expected = [single.bpe(token) for token in tokens]
-    assert expected.count("<|endoftext|>") == 1200 and expected.count("<|startoftext|>") == 600
+    assert set(expected[1::2]) == set(specials)
     shared = tk.SimpleTokenizer(str(vocab_path))
     for found in _in_threads(shared.bpe, tokens):
         wrong = [i for i, (got, want) in enumerate(zip(found, expected)) if got != want]
