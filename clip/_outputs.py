@@ -125,31 +125,31 @@ def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequen
     """
     import numpy as np
 
-    path = features_path
+    path, written = features_path, None
     try:
         if os.path.lexists(features_path):
             os.remove(features_path)
         path = list_path
         _cache.write_atomically(list_path, lambda f: f.write(format_rows(rows)))
-        path = features_path
+        path, written = features_path, list_path
         _cache.write_atomically(features_path, lambda f: np.save(f, features, allow_pickle=False))
     except OSError as error:
-        if path == features_path:
+        if written is not None:
             with contextlib.suppress(OSError):
-                os.remove(list_path)  # ours, just written: alone it would make the rerun refuse
+                os.remove(written)  # the new row list: alone it would make the rerun refuse
         raise CLIError(_write_failure(path, error)) from None
 
 
 def _write_failure(path: str, error: OSError) -> str:
     """Why ``path`` could not be written, and what to do, in one line."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space there (or choose another --output)"
+        fix = "free some space on its disk (or choose another --output)"
     elif error.errno == errno.EFBIG:
-        fix = "the file is larger than this system or file system allows one to be (see ulimit -f)"
+        fix = "raise the file-size limit (ulimit -f), or choose an --output on a file system that allows the size"
     else:
         fix = "check the folder and its file system"
-    return (f"cannot write {printable(path)}: {printable(error.strerror or str(error))}; {fix}, then run the command "
-            "again (nothing was left behind)")
+    cause = printable(error.strerror or str(error))
+    return f"cannot write {printable(path)}: {cause}; {fix}, then run the command again"
 
 
 def remove_stale_temporaries(path: str) -> None:
