@@ -6,6 +6,7 @@ their own (``_embed.CPUINFO``) to play either kind of CPU on any machine.
 """
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -250,3 +251,21 @@ def test_classify_without_native_bf16_warns_and_runs_float32(capsys, tiny_checkp
 def test_precision_is_a_choice(capsys, images, tmp_path):
     code, _, err = run(capsys, "embed", images, "-o", tmp_path / "x.npy", "--precision", "fp16")
     assert code == 2 and "invalid choice: 'fp16'" in err
+
+
+def test_the_readmes_autocast_example(tiny_checkpoint, images):
+    """The README's Python example, run on the tiny model: float32 rows within the bound of float32's."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "torch.autocast" in b]
+    photo = sorted(images.glob("*.png"))[0]
+    code = block.replace('"ViT-B/32"', repr(tiny_checkpoint)).replace('"photo.jpg"', repr(str(photo)))
+    scope = {"clip": clip, "torch": torch, "Image": Image}
+    exec(compile(code, "README.md", "exec"), scope)
+    model, preprocess = clip.load(tiny_checkpoint, device="cpu")
+    with torch.no_grad():
+        image = model.encode_image(preprocess(Image.open(photo)).unsqueeze(0))
+        text = model.encode_text(clip.tokenize(["a diagram", "a dog", "a cat"]))
+    for got, expected in ((scope["image_features"], image), (scope["text_features"], text)):
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        cosines = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
+        assert cosines.min() > MIN_COSINE and not torch.equal(got, expected)
