@@ -85,14 +85,14 @@ class SimpleTokenizer:
         self._reset_bpe_cache()
         self._reset_ids_cache()
 
+    # A full cache is replaced by a new dict, never cleared in place: a thread that reads or writes the old one
+    # meanwhile still finds the special tokens there, so it can neither miss them nor store a wrong entry for them.
     def _reset_bpe_cache(self) -> None:
         # The original seeds its cache so that the special tokens, written in a text, encode to their own ids.
-        self.cache.clear()
-        self.cache.update((special, special) for special in (START_OF_TEXT, END_OF_TEXT))
+        self.cache = {special: special for special in (START_OF_TEXT, END_OF_TEXT)}
 
     def _reset_ids_cache(self) -> None:
-        self._ids_cache.clear()
-        self._ids_cache.update((s, array.array("i", [self.encoder[s]])) for s in (START_OF_TEXT, END_OF_TEXT))
+        self._ids_cache = {s: array.array("i", [self.encoder[s]]) for s in (START_OF_TEXT, END_OF_TEXT)}
 
     def bpe(self, token: str) -> str:
         """Merge one byte-mapped word, returning its symbols joined by spaces, the last ending in ``</w>``.
@@ -145,6 +145,21 @@ class SimpleTokenizer:
             ids += chunk_ids if chunk_ids is not None else self._chunk_ids(chunk)
         return ids
 
+    def _ids_through_bpe(self, text: str) -> "array.array[int]":
+        """The ids of ``text`` through :meth:`bpe`, word by word as the original's encode: for a subclass that
+        overrides ``bpe`` (the fast path in ``_ids`` merges without calling it, and caches ids it never sees)."""
+        ids = array.array("i")
+        byte_encoder, encoder = self.byte_encoder, self.encoder
+        for chunk in chunks(text):
+            for word in self.pat.findall(chunk):
+                ids.extend(encoder[symbol] for symbol in
+                           self.bpe("".join(byte_encoder[b] for b in word.encode("utf-8"))).split(" "))
+        return ids
+
+    def _ids_function(self) -> Callable[[str], "array.array[int]"]:
+        """``_ids``, or ``_ids_through_bpe`` when a subclass overrides :meth:`bpe`."""
+        return self._ids if type(self).bpe is SimpleTokenizer.bpe else self._ids_through_bpe
+
     def encode(self, text: str) -> List[int]:
         """Clean ``text`` as the original does, split it into words, and return the BPE ids.
 
@@ -163,7 +178,7 @@ class SimpleTokenizer:
             raise UnicodeError("encode() takes a str, not bytes: decode it first (text.decode('utf-8'))")
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
-        return self._ids(text).tolist()
+        return self._ids_function()(text).tolist()
 
     def decode(self, tokens: Iterable[int]) -> str:
         """Turn ids back into text: symbols joined, bytes decoded as UTF-8 (errors replaced), ``</w>`` as a space.
@@ -183,7 +198,7 @@ class SimpleTokenizer:
 
     def _tokenize(self, texts: TextInput, context_length: int, truncate: bool) -> torch.IntTensor:
         """The rows of :func:`tokenize` for this tokenizer."""
-        return _rows(texts, context_length, truncate, self._ids, self.encoder[START_OF_TEXT],
+        return _rows(texts, context_length, truncate, self._ids_function(), self.encoder[START_OF_TEXT],
                      self.encoder[END_OF_TEXT])
 
 
