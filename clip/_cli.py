@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="images per forward pass (default: 32)")
     _add_progress_options(classify, "no progress bar (shown on a terminal from 16 images on)")
     _add_model_options(classify)
+    _add_precision_options(classify)
 
     embed = command("embed", _run_model_command("cmd_embed"), "embed a folder of images or a text file into a .npy file",
                     "Write L2-normalised float32 features, one row per input, to OUTPUT (.npy) and the inputs in\n"
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
     _add_progress_options(embed, "no progress bar (shown when stderr is a terminal)")
     _add_model_options(embed)
+    _add_precision_options(embed)
 
     merge = command("merge", _cmd_merge, "join the shards of a sharded 'clip embed' run",
                     "Join OUTPUT.shard-I-of-N.npy/.txt, I = 0..N-1, into OUTPUT (.npy) and its .txt list, in\n"
@@ -110,6 +112,16 @@ def _add_progress_options(parser: argparse.ArgumentParser, quiet_help: str) -> N
     shown.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     shown.add_argument("--progress", action="store_true",
                        help="show the progress bar (rows done, rate, time left) even when stderr is not a terminal")
+
+
+def _add_precision_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32: the model as clip.load gives it (default); bf16: on the CPU, run it under "
+                             "bfloat16 autocast, faster where the CPU computes bfloat16 natively (AVX512-BF16, "
+                             "AMX), at a small cost in accuracy (see the README); elsewhere it says so and runs "
+                             "fp32. On CUDA the model runs in the release's float16 either way")
+    parser.add_argument("--force-precision", action="store_true",
+                        help="run --precision bf16 even on a CPU without native bfloat16 (several times slower)")
 
 
 def _run_model_command(name: str) -> Callable[[argparse.Namespace], int]:

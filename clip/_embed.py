@@ -2,15 +2,18 @@
 they share.
 
 Images are decoded and preprocessed by worker processes while the model runs on earlier batches; the model's output
-is exactly ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised. See the README's "Command line" section.
+is exactly ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised (``--precision bf16``: the same under CPU
+autocast to bfloat16). See the README's "Command line" section.
 """
 import argparse
+import contextlib
 import json
 import os
 import stat
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 import torch
@@ -201,6 +204,61 @@ def default_batch_size(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Precision (--precision bf16)
+
+# Feature flags, as Linux's /proc/cpuinfo names them, of CPUs whose instructions multiply bfloat16 matrices:
+# x86's AVX512-BF16 and AMX-BF16, Arm's BF16 extension. Without one, torch converts every element and runs
+# bfloat16 several times slower than float32 (5x on an AVX2 EPYC, benchmarks/README.md).
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(path: Optional[str] = None) -> Optional[FrozenSet[str]]:
+    """The CPU's feature flags from Linux's ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); None where that
+    file is missing or unreadable (macOS, Windows, some containers), so nothing is known."""
+    try:
+        with open(path or CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def bf16_decision(device_type: str, flags: Optional[FrozenSet[str]], force: bool) -> Tuple[bool, Optional[str]]:
+    """For ``--precision bf16``: (run the model under CPU autocast to bfloat16?, the one-line warning to show, if
+    any), from the device type, the CPU's flags (``cpu_flags``) and ``--force-precision``."""
+    if device_type != "cpu":
+        return False, (f"--precision bf16 applies to the CPU; on {device_type} the model runs in the release's "
+                       "float16 weights, as clip.load gives them: running that")
+    if force:
+        return True, None
+    if flags is None:
+        reason = f"cannot tell whether this CPU computes bfloat16 natively ({CPUINFO} is not readable)"
+    elif not flags & NATIVE_BF16_FLAGS:
+        reason = "this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 flag), so it would be slower"
+    else:
+        return True, None
+    return False, f"--precision bf16: {reason}; running float32 (--force-precision runs bfloat16 anyway)"
+
+
+def precision_context(args: argparse.Namespace, device: torch.device) -> Callable[[], ContextManager]:
+    """What to run each encode call in: nothing for float32 (exactly clip.load's model), or CPU autocast to
+    bfloat16, where only the matrix products and convolutions take bfloat16 inputs (CLIP's LayerNorm computes in
+    float32 either way). Warns, in one line, when bf16 was asked for but float32 runs."""
+    if args.precision != "bf16":
+        return contextlib.nullcontext
+    use, message = bf16_decision(device.type, cpu_flags() if device.type == "cpu" else None, args.force_precision)
+    if message:
+        warn(message)
+    if not use:
+        return contextlib.nullcontext
+    return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # clip classify
 
 
@@ -220,7 +278,8 @@ def _read_labels(args: argparse.Namespace) -> List[str]:
     return labels
 
 
-def _text_features(model: Any, device: torch.device, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def _text_features(model: Any, device: torch.device, labels: Sequence[str], templates: Sequence[str],
+                   cast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
     """One text embedding per label: the normalised mean of its normalised prompt embeddings, [labels, dim]."""
     from . import clip as clip_module
 
@@ -230,7 +289,9 @@ def _text_features(model: Any, device: torch.device, labels: Sequence[str], temp
             tokens = clip_module.tokenize([template.replace("{}", label) for label in labels])
         except RuntimeError as error:  # a prompt longer than the context
             raise CLIError(str(error)) from None
-        per_template.append(normalised(model.encode_text(tokens.to(device))))
+        with cast():
+            features = model.encode_text(tokens.to(device))
+        per_template.append(normalised(features))
     return normalised(torch.stack(per_template).mean(dim=0))  # [templates, labels, dim] -> [labels, dim]
 
 
@@ -242,6 +303,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             args.parser.error(f"--template {template!r} has no {{}} for the label; e.g. 'a photo of a {{}}.'")
     paths = image_paths(args.images)
     model, preprocess, device = load_model(args)
+    cast = precision_context(args, device)
     show = _show_progress(args)
     if show is None and len(paths) < CLASSIFY_PROGRESS_FROM:
         show = False
@@ -249,12 +311,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
     results: List[Optional[dict]] = [None] * len(paths)
     errors: Dict[int, str] = {}
     with torch.inference_mode(), progress_bar(len(paths), "image", show) as bar:
-        text_features = _text_features(model, device, labels, templates)
+        text_features = _text_features(model, device, labels, templates, cast)
         scale = model.logit_scale.exp().float()
         for indices, batch, failures in image_batches(paths, preprocess, args.batch_size, num_workers=0):
             errors.update(failures)
             if batch is not None:
-                image_features = normalised(model.encode_image(batch.to(device)))  # [batch, dim]
+                with cast():
+                    image_features = model.encode_image(batch.to(device))
+                image_features = normalised(image_features)  # [batch, dim]
                 probabilities = (scale * image_features @ text_features.T).softmax(dim=-1)  # [batch, labels]
                 top = probabilities.topk(min(args.top_k, len(labels)), dim=-1)
                 for row, index in enumerate(indices):
@@ -317,7 +381,9 @@ def embed_inputs(path: str) -> Tuple[str, List[str]]:
 
 
 def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder: str, names: Sequence[str],
-                  batch_size: int, workers: int, bar: Any) -> Tuple[np.ndarray, List[int], List[str]]:
+                  batch_size: int, workers: int, bar: Any,
+                  cast: Callable[[], ContextManager] = contextlib.nullcontext
+                  ) -> Tuple[np.ndarray, List[int], List[str]]:
     """(features of the readable images, their positions in ``names``, the first reasons an image was unreadable),
     counted on ``bar`` as they are embedded."""
     features = np.empty((len(names), model.visual.output_dim), dtype=np.float32)  # filled in place: no concatenation
@@ -327,7 +393,9 @@ def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder
     batches = image_batches(paths, preprocess, batch_size, workers, pin_memory=device.type == "cuda")
     for indices, batch, failures in batches:
         if batch is not None:
-            rows = normalised(model.encode_image(batch.to(device, non_blocking=True)))  # [batch, dim]
+            with cast():
+                rows = model.encode_image(batch.to(device, non_blocking=True))
+            rows = normalised(rows)  # [batch, dim]
             features[len(done):len(done) + len(indices)] = rows.cpu().numpy()
             done += indices
         reasons += [f"{printable(names[index])}: {error}" for index, error in failures][:REASONS_SHOWN - len(reasons)]
@@ -335,13 +403,16 @@ def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder
     return features[:len(done)], done, reasons
 
 
-def _embed_texts(model: Any, device: torch.device, texts: Sequence[str], batch_size: int, bar: Any) -> np.ndarray:
+def _embed_texts(model: Any, device: torch.device, texts: Sequence[str], batch_size: int, bar: Any,
+                 cast: Callable[[], ContextManager] = contextlib.nullcontext) -> np.ndarray:
     from . import clip as clip_module
 
     features = np.empty((len(texts), model.text_projection.shape[1]), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         tokens = clip_module.tokenize(texts[start:start + batch_size], truncate=True)  # a long caption keeps its start
-        rows = normalised(model.encode_text(tokens.to(device)))  # [batch, dim]
+        with cast():
+            rows = model.encode_text(tokens.to(device))
+        rows = normalised(rows)  # [batch, dim]
         features[start:start + len(rows)] = rows.cpu().numpy()
         bar.update(len(rows))
     return features
@@ -362,16 +433,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
         inputs = inputs[index * len(inputs) // count:(index + 1) * len(inputs) // count]
 
     model, preprocess, device = load_model(args)
+    cast = precision_context(args, device)
     batch_size = args.batch_size or default_batch_size(device)
     unit = kind[:-1]  # "image" or "text"
     with torch.inference_mode(), progress_bar(len(inputs), unit, _show_progress(args), description=label) as bar:
         if kind == "images":
             workers = default_workers(device) if args.num_workers is None else args.num_workers
             features, positions, reasons = _embed_images(model, preprocess, device, args.input, inputs, batch_size,
-                                                         workers, bar)
+                                                         workers, bar, cast)
             rows = [inputs[i] for i in positions]
         else:
-            features, rows = _embed_texts(model, device, inputs, batch_size, bar), inputs
+            features, rows = _embed_texts(model, device, inputs, batch_size, bar, cast), inputs
 
     if inputs and not rows:
         # Written out, an empty result would count as finished, and a rerun would skip it: report it as a failure.
