@@ -292,3 +292,15 @@ def test_the_launcher_imports_nothing_of_clip_until_the_check_passed():
             "print(sorted(m for m in sys.modules if m == 'clip' or m.startswith('clip.')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
+
+
+def test_the_readme_shows_the_message_as_printed(tmp_path):
+    site = tmp_path / "site"
+    _install_ours(site, "archive", tmp_path)
+    _install_foreign(site, "clip-anytorch", "2.6.0", ANYTORCH_FILES)
+    result = _clip(tmp_path, "--version", path=[site])
+    printed = (result.stderr.replace(str(site), "/venv/lib/python3.11/site-packages")
+               .replace(str(tmp_path), "/work/dist").replace(VERSION, "1.0.0"))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"\$ clip --version\n(clip: error: .*?\n)```", readme, re.S).group(1)
+    assert printed == shown
