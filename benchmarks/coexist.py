@@ -19,7 +19,8 @@ and recipe, in a fresh virtual environment under ``benchmarks/_work/coexist/`` (
 
 Then: ``clip --version`` (which checks our files against our RECORD), the client's own code run on a synthetic
 checkpoint (random weights: no release can be fetched here) and compared with ``clip.load`` on the same file,
-``pip check``, and the time each step took. Times are wall-clock on whatever machine runs it, downloads included.
+``pip check``, and the time each step took. Times are wall-clock on whatever machine runs it, downloads included
+(pip runs with ``--no-cache-dir``, uv with ``--no-cache``).
 """
 import argparse
 import os
@@ -39,7 +40,9 @@ WORK = HERE / "_work" / "coexist"
 # Where pip finds them on this machine (local files): installed once into the template, linked into each environment.
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 OTHER_CLIPS = ["clip-anytorch", "openai-clip"]
-CLIENT_MODULES = {"all-clip": "all_clip", "pyiqa": "pyiqa"}
+# Every recipe downloads what it installs (no cache), so the times of pip and uv compare.
+PIP_OPTIONS = ["-q", "--no-cache-dir"]
+CLIENT_MODULES = {"all-clip": "all_clip", "pyiqa": "pyiqa.archs.clipscore_arch"}  # pyiqa imports its models lazily
 
 # Each client's own code on our package, given the checkpoint path; prints one line, exits non-zero on a mismatch.
 CLIENT_RUNS = {
@@ -120,8 +123,8 @@ def _try(client: str, recipe: str, ours: str, checkpoint: Path, uv: str, *, keep
                        "('setuptools', 'torch', 'torchvision')))"]))
 
     if recipe == "pip":
-        seconds = _step(f"pip install {_short(ours)}", [python, "-m", "pip", "install", "-q", ours])
-        seconds += _step(f"pip install {client}", [python, "-m", "pip", "install", "-q", client])
+        seconds = _step(f"pip install {_short(ours)}", [python, "-m", "pip", "install", *PIP_OPTIONS, ours])
+        seconds += _step(f"pip install {client}", [python, "-m", "pip", "install", *PIP_OPTIONS, client])
         print(f"  then 'import clip': {_last_line(_run([python, '-c', 'import clip']))}")
         print(f"  then 'import {CLIENT_MODULES[client]}': "
               f"{_last_line(_run([python, '-c', 'import ' + CLIENT_MODULES[client]]))}")
@@ -129,14 +132,15 @@ def _try(client: str, recipe: str, ours: str, checkpoint: Path, uv: str, *, keep
         print("  then 'clip --version':\n" + _indent(broken.stderr or broken.stdout, "    "))
         repair = _repair_line(broken.stderr)
         seconds += _step(f"the repair it printed: {_short(repair)}",
-                         [python, "-m", *shlex.split(repair)[:1], *shlex.split(repair)[1:]])
+                         [python, "-m", *shlex.split(repair)[:2], *PIP_OPTIONS, *shlex.split(repair)[2:]])
     else:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=WORK, delete=False) as overrides:
             overrides.write("".join(f'{name} ; sys_platform == "never"\n' for name in OTHER_CLIPS))
         print("  overrides.txt: " + "; ".join(f'{name} ; sys_platform == "never"' for name in OTHER_CLIPS))
         try:
             seconds = _step(f"uv pip install {_short(ours)} {client} --override overrides.txt",
-                            [uv, "pip", "install", "--python", python, ours, client, "--override", overrides.name])
+                            [uv, "pip", "install", "--no-cache", "--python", python, ours, client,
+                             "--override", overrides.name])
         finally:
             os.unlink(overrides.name)
 
@@ -149,8 +153,9 @@ def _try(client: str, recipe: str, ours: str, checkpoint: Path, uv: str, *, keep
     print(f"  {client} on our package: {_last_line(run)}")
     check = _run([python, "-m", "pip", "check"])
     print("  pip check:\n" + _indent(check.stdout + check.stderr, "    "))
-    size = _output(["du", "-sh", str(venv)]).split()[0]
-    print(f"  recipe time {seconds:.0f} s; environment {size}\n")
+    # du counts a hard-linked file once, under the first folder named: the second line is what the recipe added.
+    added = _output(["du", "-sh", str(_template()), str(venv)]).splitlines()[1].split()[0]
+    print(f"  recipe time {seconds:.0f} s; environment: the template's files plus {added} of its own\n")
     if not keep:
         shutil.rmtree(venv)
     return (client, recipe, f"{seconds:.0f} s", (version.stdout or version.stderr).strip().splitlines()[0],
