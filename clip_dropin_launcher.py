@@ -67,7 +67,7 @@ def installation_problem() -> Optional[str]:
     ours = os.path.join(here, PACKAGE)
     installed = _installed_in(here)
     if installed is not None:
-        changed = changed_files(installed)
+        changed = _changed_files(installed)
         if changed:
             return _changed_message(installed, ours, changed)
     imported = _imported_folder()
@@ -84,7 +84,7 @@ def installation_problem() -> Optional[str]:
     return None
 
 
-def changed_files(distribution: metadata.Distribution) -> Dict[str, str]:
+def _changed_files(distribution: metadata.Distribution) -> Dict[str, str]:
     """``{path: "replaced" or "removed"}`` for each file of ``clip/`` whose content no longer has the hash that
     ``distribution``'s ``RECORD`` gives it. Files recorded without a hash (``.pyc``, editable installs) are not
     checked, nor files that ``RECORD`` does not list."""
