@@ -18,7 +18,10 @@ import hashlib
 import json
 import os
 import re
+import socket
 import stat
+import sys
+import time
 import urllib.parse
 import uuid
 import warnings
@@ -28,17 +31,19 @@ import filelock
 
 from . import _http, _registry
 
-__all__ = ["CacheCheck", "DownloadError", "cache_dir", "cached_path", "download", "sha256_from_url",
-           "verify_cache", "write_atomically"]
+__all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "check_file", "download",
+           "sha256_from_url", "verify_cache", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-LOCK_TIMEOUT = 6 * 3600.0  # another process may be fetching 1.35 GB over a slow link; past this, something is stuck
 RECORD_MAX_BYTES = 1 << 16  # a record is about 150 bytes; a bigger "record" is not ours and is not read
 
 RECORD_SUFFIX = ".sha256.json"
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
+HOLDER_SUFFIX = ".lock.holder"  # "<pid> <host>" of the process holding the lock, for the processes that wait
+# The most seconds between two looks at a held lock and at the holder's progress (shorter for a short stall bound).
+LOCK_POLL = 1.0
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Opening flags that never follow a link and never block on a named pipe (absent flags are 0 where unsupported).
@@ -49,6 +54,10 @@ _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 class DownloadError(RuntimeError):
     """A file could not be downloaded or verified; the message says what was tried and what to do."""
+
+
+class CacheFolderError(DownloadError, FileExistsError):
+    """A file stands where the cache folder should be: the original's ``FileExistsError`` from ``os.makedirs``."""
 
 
 class _NotAFile(OSError):
@@ -147,7 +156,8 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     Raises
     ------
     DownloadError
-        If no source gave the right bytes, the cache folder cannot be written, a setting is invalid, or the machine
+        If no source gave the right bytes, the cache folder cannot be written, a folder stands at the file's
+        path, a setting is invalid, or the machine
         is offline (``CLIP_OFFLINE``) and the file is not in the cache; the message names the URLs tried, the
         hashes, the bytes received, the folder and what to do. A wrong file found in the cache is left in place
         until a verified one replaces it; a link there is replaced itself, and what it leads to is never written.
@@ -157,6 +167,11 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     seen = _inspect(target, expected)
     if seen.ok:
         return target
+    if seen.entry.status is not None and stat.S_ISDIR(seen.entry.status.st_mode):
+        # No file can replace a folder: fail before any download, as the original did.
+        raise DownloadError(f"{target} is a folder, so {os.path.basename(target)} cannot be put there: move or "
+                            "remove the folder, or choose another cache folder with download_root= or "
+                            "CLIP_CACHE_DIR")
     label = _describe(url, target)
     try:
         offline = _http.offline_variable()
@@ -167,7 +182,7 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
         raise DownloadError(str(error)) from None
     if offline is not None:
         raise DownloadError(_offline_message(offline, label, target, expected, sources, seen))
-    with _locked(target, f"{label} {_state(seen, expected)}"):
+    with _locked(target, f"{label} {_state(seen, expected)}", settings.stall_timeout) as held:
         now = _look(target)
         if now.identity != seen.entry.identity:
             # The file appeared or changed while we waited for the lock: most likely another process downloaded it.
@@ -180,11 +195,13 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
                      f"{seen.actual})")
             warnings.warn(f"{target}{found}; downloading it again (it is kept until a verified copy replaces it"
                           f"{_untouched(seen.entry)})", stacklevel=2)
+        # Without the lock (its holder stalled), bytes go to a file of this process's own: the holder may resume.
+        partial = target + PARTIAL_SUFFIX if held else f"{target}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}"
         try:
-            _fetch(sources, target, expected, label, settings, opener)
+            _fetch(sources, target, partial, expected, label, settings, opener, seen.entry.identity, keep=held)
         except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
             with contextlib.suppress(OSError):
-                os.remove(target + PARTIAL_SUFFIX)
+                os.remove(partial)
             raise _write_error(target, error) from error
         except DownloadError as error:
             if seen.entry.status is None:
@@ -313,10 +330,14 @@ def _offline_message(variable: str, label: str, target: str, expected: str, sour
         f"{variable}={os.environ[variable]} is set, so clip does not use the network, and "
         f"{label} {_state(seen, expected)}.\n"
         f"To use it offline, fetch it on a machine with network access from one of:{urls}\n"
-        f"check that its SHA-256 is {expected}, and put it at {target}{kept} "
-        f"(the folder {os.path.dirname(target)}, chosen by download_root or CLIP_CACHE_DIR).\n"
+        f"check that its SHA-256 is {expected}, and put it at {target}{kept}.\n"
+        f"{_LOCAL_FILE_HINT}\n"
         f"Or unset {variable} to let clip download it."
     )
+
+
+# The simplest way forward on a machine without network: a checkpoint file already at hand needs no cache.
+_LOCAL_FILE_HINT = "A checkpoint file you already have loads from its path: clip.load(PATH), or --model PATH."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,6 +585,11 @@ def _check_recorded(target: str) -> CacheCheck:
     if not isinstance(expected, str):
         return CacheCheck(target, "", False,
                           f"the record {target + RECORD_SUFFIX} is unreadable: delete it; the next load re-checks")
+    return check_file(target, expected)
+
+
+def check_file(target: str, expected: str) -> CacheCheck:
+    """Re-hash the file at ``target`` (streaming, writing nothing) against the ``expected`` SHA-256."""
     entry = _look(target)
     if entry.status is None:
         return CacheCheck(target, expected, False, "missing: the record has no file beside it")
@@ -586,8 +612,13 @@ def _check_recorded(target: str) -> CacheCheck:
 
 
 @contextlib.contextmanager
-def _locked(target: str, what: str) -> Iterator[None]:
+def _locked(target: str, what: str, stall_timeout: float) -> Iterator[bool]:
     """Hold ``<target>.lock`` so that one process at a time downloads ``target``; the others wait here.
+
+    Yields True once the lock is held. A waiter says once, on stderr, which process it waits for and how far that
+    download is. When the holder adds nothing to ``<target>.partial`` for ``stall_timeout`` seconds (a stopped or
+    hung process) the waiter stops waiting and yields False: it then fetches the file on its own, into a file of
+    its own, without the lock. A holder that dies releases the lock at once (the system drops it with the process).
 
     ``what`` says which file is needed and why, for the error when the folder cannot be written. The lock file
     stays after use: removing it would let a process still waiting on the old file and a newcomer that creates a
@@ -599,31 +630,91 @@ def _locked(target: str, what: str) -> Iterator[None]:
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"no write permission on {folder}")
         _replace_odd_entry(target + LOCK_SUFFIX)  # older filelock releases open it following links, and truncate
-        lock = _acquire_lock(target + LOCK_SUFFIX)
-    except filelock.Timeout as error:
-        raise DownloadError(
-            f"waited {LOCK_TIMEOUT:.0f} s for {target + LOCK_SUFFIX}, held by another process downloading "
-            f"{os.path.basename(target)}; if no such process runs any more, delete the lock file") from error
+        lock = _wait_for_lock(target, stall_timeout)
     except OSError as error:
-        raise DownloadError(
+        kind = CacheFolderError if isinstance(error, FileExistsError) else DownloadError
+        raise kind(
             f"{what}, and it must be downloaded into {folder}, which cannot be written ({error}); choose a writable "
             "folder with download_root= or CLIP_CACHE_DIR, or put the verified file there") from error
+    if lock is None:
+        yield False
+        return
     try:
-        yield
+        with contextlib.suppress(OSError):  # only words for the waiters: a download never fails for want of them
+            _write_holder(target)
+        yield True
     finally:
+        with contextlib.suppress(OSError):
+            os.remove(target + HOLDER_SUFFIX)
         lock.release()
 
 
-def _acquire_lock(path: str) -> filelock.BaseFileLock:
-    lock = filelock.FileLock(path, timeout=LOCK_TIMEOUT)
+def _wait_for_lock(target: str, stall_timeout: float) -> Optional[filelock.BaseFileLock]:
+    """The lock of ``target``, once its holder releases it; None if the holder makes no progress for
+    ``stall_timeout`` seconds. (filelock falls back by itself to a lock file where the file system lacks flock.)"""
+    lock = filelock.FileLock(target + LOCK_SUFFIX)
     try:
-        lock.acquire()
-    except NotImplementedError:
-        # A file system without flock (some network ones): filelock 4 falls back by itself, older releases raise.
-        # An exclusive-create lock file works everywhere, at the price of a stale file after kill -9.
-        lock = filelock.SoftFileLock(path, timeout=LOCK_TIMEOUT)
-        lock.acquire()
-    return lock
+        lock.acquire(timeout=0)
+        return lock
+    except filelock.Timeout:
+        pass
+    progress = _progress(target)
+    sys.stderr.write(f"clip: waiting for {_holder(target)}, which is downloading {os.path.basename(target)} "
+                     f"into {os.path.dirname(target)} ({_so_far(progress, target)}); if it makes no progress for "
+                     f"{stall_timeout:g} s this process downloads the file itself\n")
+    sys.stderr.flush()
+    changed = time.monotonic()
+    while True:
+        try:
+            lock.acquire(timeout=min(LOCK_POLL, stall_timeout / 4))
+            return lock
+        except filelock.Timeout:
+            pass
+        now = _progress(target)
+        if now != progress:
+            progress, changed = now, time.monotonic()
+        elif time.monotonic() - changed >= stall_timeout:
+            warnings.warn(
+                f"{_holder(target)}, which holds {target + LOCK_SUFFIX}, has added nothing to "
+                f"{os.path.basename(target) + PARTIAL_SUFFIX} for {stall_timeout:g} s ({_so_far(progress, target)}; "
+                "stopped or hung?): downloading the file in this process instead, into a file of its own. "
+                "CLIP_DOWNLOAD_STALL_TIMEOUT sets how long to wait", stacklevel=5)
+            return None
+
+
+def _progress(target: str) -> Optional[Tuple[int, int]]:
+    """(size, modification time) of the holder's ``.partial`` file, None while there is none."""
+    try:
+        status = os.lstat(target + PARTIAL_SUFFIX)
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
+def _so_far(progress: Optional[Tuple[int, int]], target: str) -> str:
+    total = _registry.APPROXIMATE_SIZES.get(os.path.basename(target))
+    of = "" if total is None else f" of about {total / 1e6:.0f} MB"
+    received = 0 if progress is None else progress[0]
+    return f"{received / 1e6:.1f} MB{of} received so far"
+
+
+def _write_holder(target: str) -> None:
+    text = f"{os.getpid()} {socket.gethostname()}\n"
+    write_atomically(target + HOLDER_SUFFIX, lambda file: file.write(text.encode("utf-8")))
+
+
+def _holder(target: str) -> str:
+    """The process holding the lock of ``target`` in words, as far as its ``.lock.holder`` file tells."""
+    try:
+        descriptor = _open_file(target + HOLDER_SUFFIX, os.O_RDONLY)
+        if descriptor is None:
+            return "another process"
+        with os.fdopen(descriptor, "rb") as file:
+            pid, host = file.read(256).decode("utf-8").split()
+        int(pid)
+    except (OSError, ValueError):
+        return "another process"
+    return f"process {pid}" + ("" if host == socket.gethostname() else f" on {host}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -648,10 +739,11 @@ def _open_partial(path: str) -> _http.Sink:
     return _http.Sink(file, digest, file.tell())
 
 
-def _fetch(sources: Sequence[str], target: str, expected: str, label: str, settings: _http.Settings,
-           opener) -> None:
-    """Put the verified file at ``target`` from the first source that gives it, or raise DownloadError."""
-    partial = target + PARTIAL_SUFFIX
+def _fetch(sources: Sequence[str], target: str, partial: str, expected: str, label: str, settings: _http.Settings,
+           opener, before: Optional[tuple], *, keep: bool) -> None:
+    """Put the verified file at ``target`` from the first source that gives it, through ``partial``, or raise
+    DownloadError. ``before`` is the identity of what was at ``target`` when the download began (see `_place`);
+    ``keep``: whether the bytes of a failed download stay in ``partial`` for the next try to resume."""
     limit = _size_bound(target)
     sink = _open_partial(partial)
     failures = []
@@ -662,12 +754,12 @@ def _fetch(sources: Sequence[str], target: str, expected: str, label: str, setti
             except _http.TransferError as failure:
                 failures.append(f"{url}: {failure}")
                 continue
-            _commit(sink.file, partial, target)
+            _place(sink.file, partial, target, expected, before)
             return
     finally:
         sink.file.close()
     received = sink.size
-    if received and sink.resumable:
+    if received and sink.resumable and keep:
         kept = f"The {received} bytes received are kept in {partial}; the next try resumes from there.\n"
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -678,8 +770,23 @@ def _fetch(sources: Sequence[str], target: str, expected: str, label: str, setti
         f"could not download {label} into {os.path.dirname(target)}; tried:{tried}\n{kept}"
         "Check the network and any proxy (HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE), then try again; or fetch the file "
         f"from one of those URLs yourself, check that its SHA-256 is {expected}, and put it at {target}; or set "
-        "CLIP_DOWNLOAD_BASE to a mirror that has it."
+        f"CLIP_DOWNLOAD_BASE to a mirror that has it.\n{_LOCAL_FILE_HINT}"
     )
+
+
+def _place(file: BinaryIO, partial: str, target: str, expected: str, before: Optional[tuple]) -> None:
+    """Move the verified ``partial`` to ``target``, unless a verified file got there since the download began.
+
+    Two processes download the same file when one gave up waiting for the other (a stopped holder that later
+    resumes): whichever finishes first puts the file in place and the other drops its copy, so a file in use is
+    not replaced. Both copies verify, so even the two finishing at the same moment put the same bytes there.
+    """
+    now = _look(target)
+    if now.identity != before and now.file is not None and _inspect(target, expected, now).ok:
+        file.close()
+        os.remove(partial)
+        return
+    _commit(file, partial, target)
 
 
 def _fetch_from(url: str, sink: _http.Sink, expected: str, settings: _http.Settings, opener, label: str,

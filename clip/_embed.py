@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import sys
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -21,6 +22,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 # classify shows a progress bar (on a terminal) from this many images on: fewer finish before a bar means anything.
 CLASSIFY_PROGRESS_FROM = 16
+# How many reasons the error for a folder of unreadable images quotes: enough to tell one cause from several.
+REASONS_SHOWN = 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,8 +104,9 @@ def _open_regular(path: str) -> Any:
 class ImageFiles:
     """A map-style dataset of preprocessed images; an unreadable image gives its error instead of a tensor.
 
-    Items are ``(index, tensor or None, error message or None)``, so a bad file is reported by the main process and
-    skipped, and never stops the run.
+    Items are ``(index, tensor or None, error message or None, [warning messages])``, so a bad file is reported by
+    the main process and skipped, and never stops the run, and a warning the decoder gives (Pillow's
+    DecompressionBombWarning) is shown with the file's name.
     """
 
     def __init__(self, paths: Sequence[str], preprocess: Callable):
@@ -112,28 +116,40 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str], List[str]]:
         from PIL import Image
 
-        try:
-            with _open_regular(self.paths[index]) as f, Image.open(f) as image:
-                return index, self.preprocess(image), None
-        # The one place any error is caught: a decoder can raise almost anything on a damaged file (OSError,
-        # SyntaxError, ValueError, struct.error, DecompressionBombError), and each one is reported, not hidden.
-        except Exception as error:  # noqa: BLE001
-            return index, None, f"{type(error).__name__}: {printable(str(error))}"
+        path = self.paths[index]
+        tensor, error, file = None, None, None
+        # Entering catch_warnings also resets the once-per-place memory of warnings, so each image's own is seen.
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                with _open_regular(path) as file, Image.open(file) as image:
+                    tensor = self.preprocess(image)
+            # The one place any error is caught: a decoder can raise almost anything on a damaged file (OSError,
+            # SyntaxError, ValueError, struct.error, DecompressionBombError), and each one is reported, not hidden.
+            except Exception as failure:  # noqa: BLE001
+                text = str(failure)
+                if file is not None:  # Pillow names an open file by its repr ("<_io.BufferedReader name=12>")
+                    text = text.replace(repr(file), repr(path))
+                error = f"{type(failure).__name__}: {printable(text)}"
+        notes = [f"{type(note.message).__name__}: {printable(str(note.message))}" for note in caught]
+        return index, tensor, error, notes
 
 
-def _collate_readable(items: List[Tuple[int, Any, Optional[str]]]) -> Tuple[List[int], Any, List[Tuple[int, str]]]:
-    """Batch the readable images of ``items``: (their indices, stacked tensor or None, [(index, error)]).
+def _collate_readable(items: List[Tuple[int, Any, Optional[str], List[str]]]
+                      ) -> Tuple[List[int], Any, List[Tuple[int, str]], List[Tuple[int, str]]]:
+    """Batch the readable images of ``items``: (their indices, stacked tensor or None, [(index, error)],
+    [(index, warning)]).
 
     In a worker process the batch is stacked straight into shared memory, as torch's default collate does, so that
     handing it to the main process copies nothing.
     """
     from torch.utils.data import get_worker_info
 
-    good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
-    failures = [(index, error) for index, tensor, error in items if tensor is None]
+    good = [(index, tensor) for index, tensor, _, _ in items if tensor is not None]
+    failures = [(index, error) for index, tensor, error, _ in items if tensor is None]
+    notes = [(index, note) for index, _, _, notes in items for note in notes]
     batch = None
     if good:
         tensors = [tensor for _, tensor in good]
@@ -141,18 +157,21 @@ def _collate_readable(items: List[Tuple[int, Any, Optional[str]]]) -> Tuple[List
         if get_worker_info() is not None:
             out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
         batch = torch.stack(tensors, out=out)  # [batch, 3, n_px, n_px]
-    return [index for index, _ in good], batch, failures
+    return [index for index, _ in good], batch, failures, notes
 
 
 def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, num_workers: int, *,
                   pin_memory: bool = False) -> Iterator[Tuple[List[int], Optional[torch.Tensor], List[Tuple[int, str]]]]:
     """Yield (indices, image batch or None, [(index, error)]) for ``paths``, decoded by ``num_workers`` processes
-    that work ahead of the model (0: in this process). Each unreadable image is named in a warning."""
+    that work ahead of the model (0: in this process). Each unreadable image, and each warning about an image, is
+    named in a warning line."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate_readable, pin_memory=pin_memory)
-    for indices, batch, failures in loader:
+    for indices, batch, failures, notes in loader:
+        for index, note in notes:
+            warn(f"{printable(paths[index])}: {note}")
         for index, error in failures:
             warn(f"skipping {printable(paths[index])}: cannot read it as an image ({error})")
         yield indices, batch, failures
@@ -298,10 +317,12 @@ def embed_inputs(path: str) -> Tuple[str, List[str]]:
 
 
 def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder: str, names: Sequence[str],
-                  batch_size: int, workers: int, bar: Any) -> Tuple[np.ndarray, List[int]]:
-    """(features of the readable images, their positions in ``names``), counted on ``bar`` as they are embedded."""
+                  batch_size: int, workers: int, bar: Any) -> Tuple[np.ndarray, List[int], List[str]]:
+    """(features of the readable images, their positions in ``names``, the first reasons an image was unreadable),
+    counted on ``bar`` as they are embedded."""
     features = np.empty((len(names), model.visual.output_dim), dtype=np.float32)  # filled in place: no concatenation
     done: List[int] = []
+    reasons: List[str] = []
     paths = [os.path.join(folder, name) for name in names]
     batches = image_batches(paths, preprocess, batch_size, workers, pin_memory=device.type == "cuda")
     for indices, batch, failures in batches:
@@ -309,8 +330,9 @@ def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder
             rows = normalised(model.encode_image(batch.to(device, non_blocking=True)))  # [batch, dim]
             features[len(done):len(done) + len(indices)] = rows.cpu().numpy()
             done += indices
+        reasons += [f"{printable(names[index])}: {error}" for index, error in failures][:REASONS_SHOWN - len(reasons)]
         bar.update(len(indices) + len(failures))
-    return features[:len(done)], done
+    return features[:len(done)], done, reasons
 
 
 def _embed_texts(model: Any, device: torch.device, texts: Sequence[str], batch_size: int, bar: Any) -> np.ndarray:
@@ -345,13 +367,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with torch.inference_mode(), progress_bar(len(inputs), unit, _show_progress(args), description=label) as bar:
         if kind == "images":
             workers = default_workers(device) if args.num_workers is None else args.num_workers
-            features, positions = _embed_images(model, preprocess, device, args.input, inputs, batch_size, workers, bar)
+            features, positions, reasons = _embed_images(model, preprocess, device, args.input, inputs, batch_size,
+                                                         workers, bar)
             rows = [inputs[i] for i in positions]
         else:
             features, rows = _embed_texts(model, device, inputs, batch_size, bar), inputs
 
-    if args.overwrite and os.path.exists(features_path):
-        os.remove(features_path)  # not finished again until the new files are both in place
+    if inputs and not rows:
+        # Written out, an empty result would count as finished, and a rerun would skip it: report it as a failure.
+        more = "; ..." if len(inputs) > len(reasons) else ""
+        raise CLIError(f"{label}none of the {len(inputs)} images could be read, so nothing was written ("
+                       f"{'; '.join(reasons)}{more}); fix them, or the disk or mount they are on, and run again")
     _outputs.save_outputs(features_path, list_path, features, rows)
     skipped = len(inputs) - len(rows)
     print(f"{label}{len(rows)} {unit if len(rows) == 1 else kind} embedded into {printable(features_path)} (rows "

@@ -39,6 +39,10 @@ MAX_BACKOFF = 30.0  # cap on one wait: with the defaults the five retries wait 3
 # cannot hold a download (and its lock) for ever; the per-read timeout alone never fires on such a server.
 DEFAULT_MIN_RATE = 10_000.0
 RATE_GRACE = 60.0  # seconds before the average rate counts: connecting, TLS, slow start and a retry or two
+# Seconds a download may add no byte to its file before a process waiting for it fetches the file itself: twice the
+# read timeout, so a healthy transfer, which writes at least once per read timeout, never looks stalled; one stuck
+# retrying a dead source may, and then costs the waiter a transfer of its own, never a wrong file.
+DEFAULT_STALL_TIMEOUT = 60.0
 
 RELEASE_CDN = "https://openaipublic.azureedge.net/clip/"
 RELEASE_ORIGIN = "https://openaipublic.blob.core.windows.net/clip/"
@@ -106,6 +110,7 @@ class Settings:
     retries: int
     backoff: float
     min_rate: float
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
     @classmethod
     def from_environment(cls) -> "Settings":
@@ -113,7 +118,9 @@ class Settings:
         return cls(timeout=_number("CLIP_DOWNLOAD_TIMEOUT", DEFAULT_TIMEOUT, float, 1e-3, MAX_TIMEOUT),
                    retries=_number("CLIP_DOWNLOAD_RETRIES", DEFAULT_RETRIES, int, 0, 1000),
                    backoff=_number("CLIP_DOWNLOAD_BACKOFF", DEFAULT_BACKOFF, float, 0.0, MAX_BACKOFF),
-                   min_rate=_number("CLIP_DOWNLOAD_MIN_RATE", DEFAULT_MIN_RATE, float, 0.0, 1e12))
+                   min_rate=_number("CLIP_DOWNLOAD_MIN_RATE", DEFAULT_MIN_RATE, float, 0.0, 1e12),
+                   stall_timeout=_number("CLIP_DOWNLOAD_STALL_TIMEOUT", DEFAULT_STALL_TIMEOUT, float, 0.1,
+                                         MAX_TIMEOUT))
 
 
 def _number(variable: str, default: float, kind: Callable, minimum: float, maximum: float):

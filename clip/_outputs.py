@@ -4,6 +4,8 @@ any work, atomic saves, and the merge itself.
 Imports numpy (inside functions) but not torch, so ``clip merge`` starts fast. The row-list format and the shard
 names are described in the README ("embed", "Sharded runs on a cluster").
 """
+import contextlib
+import errno
 import glob
 import os
 import re
@@ -98,6 +100,8 @@ def prepare_outputs(features_path: str, list_path: str, *, overwrite: bool, shar
         raise CLIError(f"{printable(present)} exists but {printable(absent)} does not, so it is not the output of a "
                        "finished run; pass --overwrite to replace it, or choose another --output")
     _check_writable(os.path.dirname(os.path.abspath(features_path)))
+    for path in (features_path, list_path):
+        remove_stale_temporaries(path)
     return False
 
 
@@ -113,11 +117,48 @@ def _check_writable(folder: str) -> None:
 
 
 def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequence[str]) -> None:
-    """Write the row list, then the features: a run counts as finished once its .npy file exists."""
+    """Write the row list, then the features: a run counts as finished once its .npy file exists.
+
+    An old .npy file goes first, so that the outputs never look finished before both new files are in place. A
+    write that fails (a full disk, a quota, a file-size limit) leaves neither file behind, so the rerun starts
+    afresh, and raises ``CLIError`` naming the file and the cause.
+    """
     import numpy as np
 
-    _cache.write_atomically(list_path, lambda f: f.write(format_rows(rows)))
-    _cache.write_atomically(features_path, lambda f: np.save(f, features, allow_pickle=False))
+    path, written = features_path, None
+    try:
+        if os.path.lexists(features_path):
+            os.remove(features_path)
+        path = list_path
+        _cache.write_atomically(list_path, lambda f: f.write(format_rows(rows)))
+        path, written = features_path, list_path
+        _cache.write_atomically(features_path, lambda f: np.save(f, features, allow_pickle=False))
+    except OSError as error:
+        if written is not None:
+            with contextlib.suppress(OSError):
+                os.remove(written)  # the new row list: alone it would make the rerun refuse
+        raise CLIError(_write_failure(path, error)) from None
+
+
+def _write_failure(path: str, error: OSError) -> str:
+    """Why ``path`` could not be written, and what to do, in one line."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space on its disk (or choose another --output)"
+    elif error.errno == errno.EFBIG:
+        fix = "raise the file-size limit (ulimit -f), or choose an --output on a file system that allows the size"
+    else:
+        fix = "check the folder and its file system"
+    cause = printable(error.strerror or str(error))
+    return f"cannot write {printable(path)}: {cause}; {fix}, then run the command again"
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Remove the temporary files (``<path>.<12 hex digits>.tmp``) a killed run left while writing ``path``."""
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.[0-9a-f]{12}\.tmp")
+    for found in glob.glob(glob.escape(path) + ".*.tmp"):
+        if pattern.fullmatch(os.path.basename(found)):
+            with contextlib.suppress(OSError):
+                os.remove(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------

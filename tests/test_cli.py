@@ -258,13 +258,24 @@ def test_cache_commands_narrow_to_the_model_option(capsys, registry):
     assert code == 1 and "Did you mean 'ViT-B/32'" in err
 
 
-def test_verify_mentions_release_files_never_verified(capsys, registry):
+def test_verify_hashes_release_files_put_there_by_hand(capsys, registry):
+    """A file placed by hand, as the download error tells users to, is hashed against the registry's SHA-256."""
     _, cache, files = registry
     cache.mkdir()
     (cache / "RN50.pt").write_bytes(files["RN50"][1])
     code, out, _ = run(capsys, "verify", "--download-root", cache)
-    assert code == 0
-    assert "never verified" in out and "clip download RN50" in out
+    assert code == 0 and "ok" in out and "RN50.pt" in out and "1 file(s) checked, 0 failed" in out
+    (cache / "RN50.pt").write_bytes(b"not the release")
+    code, out, _ = run(capsys, "verify", "--download-root", cache)
+    assert code == 1 and "FAILED" in out and "corrupt" in out and "1 file(s) checked, 1 failed" in out
+
+
+def test_verify_of_a_folder_it_cannot_list_is_one_error_line(capsys, tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    code, out, err = run(capsys, "verify", "--download-root", loop)
+    assert code == 1 and out == ""
+    assert err.startswith("clip: error: cannot list the cache folder") and err.count("\n") == 1, err
 
 
 def test_verify_empty_cache(capsys, tmp_path):
@@ -882,3 +893,91 @@ def test_the_readmes_first_command_classifies_an_image_the_repository_ships(caps
     code, out, err = run(capsys, *words[:1], REPO / words[1], *words[2:], "--model", checkpoint, "--device", "cpu")
     assert code == 0, err
     assert out.splitlines()[0] == str(REPO / words[1]) and len(out.splitlines()) == 4  # the image, three labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Write errors, unreadable inputs, named warnings
+
+
+def _clip_with_file_size_limit(limit, *argv):
+    """``python -m clip ARGV`` in a child that may write no file past ``limit`` bytes (RLIMIT_FSIZE: like a full
+    disk, a write past it fails, with EFBIG; Python ignores the SIGXFSZ that comes with it)."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([sys.executable, "-m", "clip", *map(str, argv)], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300, preexec_fn=None if limit is None else limit_file_size)
+
+
+@pytest.mark.parametrize("limit, failing", [(8192, "texts.npy"), (100, "texts.txt")])
+def test_embed_that_cannot_write_its_outputs_is_one_error_line_and_leaves_nothing(checkpoint, tmp_path, limit,
+                                                                                   failing):
+    source = tmp_path / "captions.txt"
+    source.write_text("".join(f"caption {n}\n" for n in range(200)))  # row list 2.5 kB, features 200 x dim floats
+    out = tmp_path / "out"
+    argv = ["embed", source, "-o", out / "texts.npy", "-m", checkpoint, "--device", "cpu", "-q"]
+    result = _clip_with_file_size_limit(limit, *argv)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"clip: error: cannot write {out / failing}: File too large;")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert os.listdir(out) == []  # no lone row list (the rerun would refuse it), no temporary file
+    result = _clip_with_file_size_limit(None, *argv)
+    assert result.returncode == 0, result.stderr
+    assert np.load(out / "texts.npy").shape == (200, TINY_VIT.embed_dim)
+    assert sorted(os.listdir(out)) == ["texts.npy", "texts.txt"]
+
+
+def test_merge_that_cannot_write_its_outputs_is_one_error_line_and_leaves_nothing(tmp_path):
+    for index in range(2):
+        np.save(tmp_path / f"m.shard-{index}-of-2.npy", np.ones((100, 16), np.float32))
+        (tmp_path / f"m.shard-{index}-of-2.txt").write_text("".join(f"row {n}\n" for n in range(100)))
+    before = sorted(os.listdir(tmp_path))
+    result = _clip_with_file_size_limit(8192, "merge", tmp_path / "m.npy")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"clip: error: cannot write {tmp_path / 'm.npy'}: File too large;")
+    assert sorted(os.listdir(tmp_path)) == before
+    result = _clip_with_file_size_limit(None, "merge", tmp_path / "m.npy")
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "m.npy").shape == (200, 16) and len((tmp_path / "m.txt").read_text().split()) == 400
+
+
+def test_temporary_files_of_a_killed_write_are_removed_by_the_next_run(capsys, checkpoint, folder, tmp_path):
+    left = ["f.npy.0123456789ab.tmp", "f.txt.abcdef012345.tmp"]
+    kept = ["f.npy.notours.tmp", "g.npy.0123456789ab.tmp"]
+    for name in left + kept:
+        (tmp_path / name).write_bytes(b"half written")
+    assert _embed(capsys, checkpoint, folder, tmp_path / "f.npy")[0] == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(["f.npy", "f.txt", "photos", *kept])
+
+
+def test_embed_of_a_folder_where_no_image_can_be_read_fails_and_writes_nothing(capsys, checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n in range(5):
+        (bad / f"{n}.png").write_bytes(b"not a png %d" % n)
+    for shard in ([], ["--shard", "0/1"]):
+        code, _, err = _embed(capsys, checkpoint, bad, tmp_path / "out" / "f.npy", *shard)
+        assert code == 1
+        error = [line for line in err.splitlines() if line.startswith("clip: error:")]
+        assert len(error) == 1 and err.count("clip: warning: skipping") == 5
+        assert "none of the 5 images could be read, so nothing was written (0.png: UnidentifiedImageError: " in error[0]
+        assert "2.png: " in error[0] and "3.png: " not in error[0] and "; ...)" in error[0]
+        assert os.listdir(tmp_path / "out") == []  # a rerun does the work again instead of skipping it
+
+
+def test_warnings_and_errors_about_an_image_name_it(capsys, checkpoint, folder, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # the 48 x 40 images are "bombs", below twice that
+    (folder / "junk.png").write_bytes(b"no image format starts like this")
+    code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "f.npy")
+    assert code == 0, err
+    for name in ("b.png", "a/c.JPG", "e.bmp"):
+        assert f"clip: warning: {folder / name}: DecompressionBombWarning: Image size (1920 pixels)" in err
+    assert (f"clip: warning: skipping {folder / 'junk.png'}: cannot read it as an image (UnidentifiedImageError: "
+            f"cannot identify image file {str(folder / 'junk.png')!r})") in err
+    assert "BufferedReader" not in err

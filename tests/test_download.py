@@ -390,7 +390,7 @@ def test_404_fails_fast_with_the_url(server, sandbox, sleeps, status):
     server.add_fault(f"/clip/models/{'0' * 64}/missing.pt", "status", status)
     with pytest.raises(DownloadError, match=f"HTTP {status}") as caught:
         _cache.download(url)
-    assert url in str(caught.value)
+    assert url in str(caught.value) and "clip.load(PATH), or --model PATH" in str(caught.value)
     assert len(server.requests) == 1 and sleeps == []
     assert not (sandbox / "missing.pt").exists() and not (sandbox / "missing.pt.partial").exists()
 
@@ -568,8 +568,10 @@ def test_exception_mid_transfer_leaves_no_final_file(server, sandbox, monkeypatc
     kept = (sandbox / "model.pt.partial").stat().st_size
     assert 0 < kept < SIZE
     monkeypatch.setattr(_http.Sink, "append", real)
-    monkeypatch.setattr(_cache, "LOCK_TIMEOUT", 5.0)  # a lock left held would fail here, not hang
-    assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    monkeypatch.setenv("CLIP_DOWNLOAD_STALL_TIMEOUT", "5")  # a lock left held would warn here (an error), not hang
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert gets(server, path)[-1]["Range"] == f"bytes={kept}-"  # Ctrl-C, then run again: it resumes
 
 
@@ -602,8 +604,9 @@ def test_offline_makes_no_request_and_says_what_to_do(server, sandbox, monkeypat
         _cache.download(url, mirrors=["http://127.0.0.1:1/m/ViT-T-1.pt"])
     message = str(caught.value)
     for part in (f"{variable}=1", "ViT-T-1.pt", "model ViT-T/1", sha(data), str(sandbox / "ViT-T-1.pt"), url,
-                 "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}"):
+                 "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}", "clip.load(PATH)", "--model PATH"):
         assert part in message
+    assert "))" not in message and "download_root" not in message and "CLIP_CACHE_DIR" not in message
     assert server.requests == []
     assert not sandbox.exists()
 
@@ -698,6 +701,76 @@ def test_process_killed_mid_download_leaves_no_final_file(server, sandbox):
     assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert gets(server, path)[-1]["Range"] == f"bytes={kept}-"  # resumed from what the killed process wrote
     assert not partial.exists()
+
+
+DOWNLOAD = PRELUDE + r"""
+print(_cache.download(args[0]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGSTOP")
+def test_a_stopped_download_is_fetched_by_the_waiter_and_the_holder_resumes_harmlessly(server, sandbox):
+    """The process holding the lock is stopped mid-transfer (Ctrl-Z, a paused container): a second process says it
+    waits, gives up after CLIP_DOWNLOAD_STALL_TIMEOUT seconds without progress, fetches the file itself into a file
+    of its own and puts it in place; the first, continued, finishes and leaves that verified file as it is."""
+    data = payload()
+    url, path = publish(server, data)
+    server.add_fault(path, "pause", 100_000, seconds=1.0, times=1)  # the holder's transfer: a third, then the rest
+    holder = subprocess.Popen([sys.executable, "-c", DOWNLOAD, MODULE, url], cwd=REPO, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial, target = sandbox / "model.pt.partial", sandbox / "model.pt"
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size >= 90_000):
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder never got the first bytes"
+            time.sleep(0.02)
+        holder.send_signal(signal.SIGSTOP)
+        stopped_at = partial.stat().st_size
+        waiter = subprocess.run([sys.executable, "-c", DOWNLOAD, MODULE, url], cwd=REPO, timeout=120,
+                                env=child_env(CLIP_DOWNLOAD_STALL_TIMEOUT="2"), capture_output=True, text=True)
+        # The waiter finished while the holder was still stopped: it did not wait for it.
+        assert waiter.returncode == 0, waiter.stderr
+        assert waiter.stdout.strip() == str(target) and target.read_bytes() == data
+        said = waiter.stderr.splitlines()
+        waiting = [line for line in said if line.startswith("clip: waiting for ")]
+        assert len(waiting) == 1, said
+        assert waiting[0].startswith(f"clip: waiting for process {holder.pid}, which is downloading model.pt into "
+                                     f"{sandbox} (0.1 MB received so far); if it makes no progress for 2 s")
+        assert any(f"process {holder.pid}, which holds {sandbox / 'model.pt.lock'}, has added nothing to "
+                   "model.pt.partial for 2 s" in line for line in said), said
+        assert partial.stat().st_size == stopped_at  # the holder's file is not touched
+        placed = target.stat().st_ino
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    out, err = holder.communicate(timeout=120)
+    assert holder.returncode == 0, err
+    assert out.strip() == str(target)
+    assert target.stat().st_ino == placed and target.read_bytes() == data  # put in place once, by the waiter
+    assert _cache.cached_path(url) == str(target)  # its record vouches for it: nothing to hash again
+    assert [check.ok for check in _cache.verify_cache()] == [True]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert len(gets(server, path)) == 2
+
+
+def test_a_waiter_says_once_whom_it_waits_for_during_a_healthy_shared_download(server, sandbox):
+    data = payload()
+    url, path = publish(server, data)
+    server.add_fault(path, "drip", 10_000, seconds=0.15, times=1)  # 4.5 s of steady progress
+    holder = subprocess.Popen([sys.executable, "-c", DOWNLOAD, MODULE, url], cwd=REPO, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = sandbox / "model.pt.partial"
+    deadline = time.monotonic() + 60
+    while not partial.exists():
+        assert holder.poll() is None and time.monotonic() < deadline, "the holder never started"
+        time.sleep(0.01)
+    # A stall bound below the whole transfer, above the gap between two pieces: progress keeps it waiting.
+    waiter = subprocess.run([sys.executable, "-c", DOWNLOAD, MODULE, url], cwd=REPO, timeout=120,
+                            env=child_env(CLIP_DOWNLOAD_STALL_TIMEOUT="2"), capture_output=True, text=True)
+    holder.communicate(timeout=120)
+    assert holder.returncode == 0 and waiter.returncode == 0, waiter.stderr
+    assert waiter.stderr.count(f"clip: waiting for process {holder.pid}, which is downloading model.pt") == 1
+    assert "has added nothing" not in waiter.stderr
+    assert len(gets(server, path)) == 1 and (sandbox / "model.pt").read_bytes() == data
 
 
 READ_ONLY = PRELUDE + r"""
@@ -879,6 +952,15 @@ def plant(kind: str, path: pathlib.Path, victim: pathlib.Path) -> None:
         os.symlink(victim.parent / "folder", path)
     else:  # a link to itself: every stat() of it fails with ELOOP
         os.symlink(path.name, path)
+
+
+def test_a_folder_at_the_file_s_path_fails_before_any_request(server, sandbox):
+    """No file can replace a folder: the original's RuntimeError at once, and nothing fetched."""
+    url, _ = publish(server, payload())
+    (sandbox / "model.pt").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="model.pt is a folder"):
+        _cache.download(url)
+    assert server.requests == [] and (sandbox / "model.pt").is_dir()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links and pipes")
@@ -1238,7 +1320,8 @@ def test_a_slow_steady_link_finishes(server, monkeypatch, bounded):
     ("CLIP_DOWNLOAD_TIMEOUT", "inf"), ("CLIP_DOWNLOAD_TIMEOUT", "nan"), ("CLIP_DOWNLOAD_TIMEOUT", "0"),
     ("CLIP_DOWNLOAD_TIMEOUT", "1e300"), ("CLIP_DOWNLOAD_BACKOFF", "nan"), ("CLIP_DOWNLOAD_BACKOFF", "-1"),
     ("CLIP_DOWNLOAD_BACKOFF", "inf"), ("CLIP_DOWNLOAD_RETRIES", "2.5"), ("CLIP_DOWNLOAD_RETRIES", "-1"),
-    ("CLIP_DOWNLOAD_MIN_RATE", "nan"), ("CLIP_DOWNLOAD_MIN_RATE", "-5"), ("CLIP_DOWNLOAD_BASE", "ftp://m/clip"),
+    ("CLIP_DOWNLOAD_MIN_RATE", "nan"), ("CLIP_DOWNLOAD_MIN_RATE", "-5"), ("CLIP_DOWNLOAD_STALL_TIMEOUT", "0"),
+    ("CLIP_DOWNLOAD_STALL_TIMEOUT", "soon"), ("CLIP_DOWNLOAD_BASE", "ftp://m/clip"),
     ("CLIP_DOWNLOAD_BASE", "/srv/clip"), ("CLIP_OFFLINE", "maybe"), ("HF_HUB_OFFLINE", "2"),
 ])
 def test_every_setting_is_checked_when_read(server, monkeypatch, variable, value):

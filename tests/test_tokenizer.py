@@ -18,6 +18,7 @@ import string
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import ftfy
@@ -558,9 +559,11 @@ def test_bad_arguments():
         tk.tokenize([None])
     with pytest.raises(TypeError):
         tk._default_tokenizer().encode(3)
-    for bad in (1, 0, -5):
-        with pytest.raises(ValueError, match="at least 2"):
+    for bad in (1, 0):  # no room for the start and end tokens: too long, as in the original
+        with pytest.raises(RuntimeError, match=f"too long for context length {bad}"):
             tk.tokenize("a", context_length=bad)
+    with pytest.raises(RuntimeError, match="non-negative"):  # torch's own error, as in the original
+        tk.tokenize("a", context_length=-5)
     with pytest.raises(TypeError):
         tk.tokenize("a", context_length=7.0)
 
@@ -596,6 +599,94 @@ def test_caches_are_bounded_and_stay_exact(monkeypatch, vocab_path, reference):
     # the special tokens survive every reset
     assert tokenizer.encode("<|endoftext|>") == [EOT] and tokenizer.cache["<|endoftext|>"] == "<|endoftext|>"
     assert "z" * 200 not in tokenizer._ids_cache  # long pieces are not cached at all
+
+
+def _new_words(count):
+    """``count`` random lower-case words: new to any cache, so the caches keep filling and being replaced."""
+    rng = random.Random(20)
+    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(count)]
+
+
+def _thread_texts(count):
+    """Texts of new words around literal special tokens."""
+    words = _new_words(4 * count)
+    return [f"{words[4 * i]}<|endoftext|>{words[4 * i + 1]} <|startoftext|> {words[4 * i + 2]} "
+            f"x<|endoftext|>{words[4 * i + 3]}" for i in range(count)]
+
+
+def _in_threads(work, items, threads=8):
+    """``work(item)`` for every item in each of ``threads`` threads at once, switching threads every microsecond so
+    that one thread's cache replacement interleaves with the others' lookups; each thread's results, in order."""
+    barrier = threading.Barrier(threads)
+    results = [None] * threads
+
+    def run(index):
+        barrier.wait()
+        results[index] = [work(item) for item in items]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        pool = [threading.Thread(target=run, args=(index,)) for index in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return results
+
+
+def test_threads_tokenize_exactly_while_the_caches_are_replaced(monkeypatch, vocab_path):
+    """8 threads share one tokenizer whose caches fill and are replaced every few texts: each row equals the row
+    one thread alone gives (a cache cleared in place let a thread miss the special tokens and cache wrong ids)."""
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", 4)  # two special entries and two others: replaced all the time
+    texts = _thread_texts(1500)
+    expected = tk.SimpleTokenizer(str(vocab_path))._tokenize(texts, 77, False).tolist()
+    assert all(row.count(EOT) == 3 and row.count(SOT) == 2 for row in expected)  # the literal ones, and the end
+    shared = tk.SimpleTokenizer(str(vocab_path))
+    for rows in _in_threads(lambda text: shared._tokenize([text], 77, False)[0].tolist(), texts):
+        wrong = [i for i, (row, want) in enumerate(zip(rows, expected)) if row != want]
+        assert not wrong, f"{len(wrong)} wrong rows of {len(texts)}, e.g. {texts[wrong[0]]!r}: {rows[wrong[0]]}"
+
+
+def test_threads_get_the_original_bpe_while_its_cache_is_replaced(monkeypatch, vocab_path):
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", 4)  # two special entries and two others: replaced all the time
+    words = _new_words(6000)  # ASCII: bpe() takes them as they are
+    specials = ["<|endoftext|>", "<|startoftext|>"]
+    tokens = [token for n, word in enumerate(words) for token in (word, specials[n % 2])]  # every other one special
+    single = tk.SimpleTokenizer(str(vocab_path))
+    expected = [single.bpe(token) for token in tokens]
+    assert set(expected[1::2]) == set(specials)
+    shared = tk.SimpleTokenizer(str(vocab_path))
+    for found in _in_threads(shared.bpe, tokens):
+        wrong = [i for i, (got, want) in enumerate(zip(found, expected)) if got != want]
+        assert not wrong, f"{len(wrong)} wrong of {len(tokens)}, e.g. {tokens[wrong[0]]!r}: {found[wrong[0]]!r}"
+
+
+def test_a_subclass_that_overrides_bpe_is_called_by_encode_and_tokenize(vocab_path, tokenizer):
+    """The original's encode calls self.bpe for every word; ours merges without it unless bpe is overridden."""
+    class Counting(tk.SimpleTokenizer):
+        def bpe(self, token):
+            self.calls.append(token)
+            return super().bpe(token)
+
+    class Letters(tk.SimpleTokenizer):
+        def bpe(self, token):  # no merges at all: each byte's symbol, the last with the end-of-word marker
+            return " ".join(list(token[:-1]) + [token[-1] + "</w>"])
+
+    text = "a photo of a Dog<|endoftext|>!"
+    counting = Counting(str(vocab_path))
+    counting.calls = []
+    assert counting.encode(text) == tokenizer.encode(text)
+    assert counting.calls == ["a", "photo", "of", "a", "dog", "<|endoftext|>", "!"]
+    counting.calls = []
+    assert torch.equal(tk.tokenize(text, tokenizer=counting), tk.tokenize(text)) and len(counting.calls) == 7
+    letters = Letters(str(vocab_path))
+    want = [letters.encoder[s] for s in ["a</w>", "p", "h", "o", "t", "o</w>", "o", "f</w>"]]
+    assert letters.encode("a photo of") == want
+    assert tk.tokenize("a photo of", tokenizer=letters)[0, 1:9].tolist() == want
+    assert tk.SimpleTokenizer._ids_function(tokenizer) == tokenizer._ids  # the base class keeps its fast path
 
 
 def test_default_tokenizer_is_shared_and_lazy():
@@ -736,3 +827,20 @@ def test_the_distributions_contain_the_vocabulary(tmp_path, vocab_path, kind):
             (member,) = [m for m in archive.getnames() if m.endswith("/clip/" + tk.VOCAB_NAME)]
             packaged = archive.extractfile(member).read()
     assert packaged == vocab_path.read_bytes()
+
+
+def test_a_huge_context_allocates_only_the_result(tmp_path):
+    """Nothing but the int32 result grows with context_length (the original allocates just its result too): under
+    an address-space limit of the result plus 256 MB, a 400 MB result fits, where assembling full-width rows
+    beside it would not."""
+    script = (
+        "import resource, clip, torch\n"
+        "clip.tokenize(['warm up'])\n"
+        "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + 4 * 10**8 + 2**28, resource.RLIM_INFINITY))\n"
+        "rows = clip.tokenize(['a photo of a cat'], context_length=10**8)\n"
+        "print(rows.shape[1], rows.dtype, int(rows[0, :7].sum()))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["100000000", "torch.int32", str(49406 + 320 + 1125 + 539 + 320 + 2368 + 49407)]
