@@ -32,6 +32,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "benchmarks*"]),
+    # The clip command starts outside the package, so it can check the package's files before importing them.
+    py_modules=["clip_dropin_launcher"],
     install_requires=read_requirements(),
     extras_require={
         "safetensors": ["safetensors>=0.4"],
@@ -52,7 +54,7 @@ setup(
         ],
         "notebooks": ["matplotlib>=3.5", "jupyter"],
     },
-    entry_points={"console_scripts": ["clip=clip._cli:main"]},
+    entry_points={"console_scripts": ["clip=clip_dropin_launcher:main"]},
     package_data={"clip": ["bpe_simple_vocab_16e6.txt.gz"]},
     include_package_data=True,
 )

@@ -9,10 +9,6 @@ from typing import Any, List
 
 __version__ = "1.0.0"
 
-# Which distribution wrote this file: the command line checks it to tell when another package that installs a
-# ``clip`` folder (clip-anytorch, OpenAI's) has overwritten ours.
-_DISTRIBUTION = "clip-dropin"
-
 __all__ = ["available_models", "load", "tokenize"]
 
 # The original's submodules, imported on first access as ``clip.clip``, ``clip.model``, ``clip.simple_tokenizer``.

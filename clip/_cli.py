@@ -17,7 +17,6 @@ from ._console import CLIError, printable, warn
 __all__ = ["main", "build_parser"]
 
 DEFAULT_MODEL = "ViT-B/32"
-REPAIR_COMMAND = "pip install --no-deps --force-reinstall clip-dropin"
 
 # ----------------------------------------------------------------------------------------------------------------
 # The parser
@@ -215,28 +214,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _version() -> str:
-    """This package's version; a ``CLIError`` naming the repair when another distribution replaced our files."""
-    import clip
+    """This package's version. Whether the package is ours (not another distribution's files over it) was checked
+    before this module was imported, by ``clip_dropin_launcher``, where the ``clip`` command starts."""
+    from . import __version__
 
-    version = getattr(clip, "__version__", None)
-    if getattr(clip, "_DISTRIBUTION", None) != "clip-dropin" or version is None:
-        raise CLIError(_overwritten_message(os.path.dirname(os.path.abspath(clip.__file__))))
-    return version
-
-
-def _overwritten_message(folder: str) -> str:
-    """What happened to the package folder, who did it, and the one command that repairs it."""
-    from importlib import metadata
-
-    owners = sorted({f"{dist.metadata['Name']} {dist.version}"
-                     for dist in metadata.distributions(path=[os.path.dirname(folder)])
-                     if dist.metadata["Name"] != "clip-dropin"
-                     and any(str(file).replace(os.sep, "/") == "clip/__init__.py" for file in dist.files or ())})
-    culprit = " and ".join(owners) if owners else "another distribution"
-    return (f"the files of the clip package in {folder} were overwritten by {culprit}, which installs a package of "
-            f"the same name into the same folder, so 'import clip' is now a mix of both. Repair it with: "
-            f"{REPAIR_COMMAND} (run it after any install of {culprit}; see 'Libraries that depend on clip-anytorch' "
-            f"in the README)")
+    return __version__
 
 
 def _show_warning(message: Warning, category: type, filename: str, lineno: int, file: Any = None,

@@ -618,24 +618,6 @@ def test_import_clip_is_lazy_and_keeps_the_original_names():
     assert result.stdout.strip() == clip.__version__
 
 
-def test_overwritten_package_names_the_culprit_and_the_repair(tmp_path):
-    """Another distribution wrote its own clip/__init__.py over ours: the command says so, and how to repair it."""
-    site = tmp_path / "site"
-    shutil.copytree(REPO / "clip", site / "clip", ignore=shutil.ignore_patterns("__pycache__"))
-    (site / "clip" / "__init__.py").write_text("from .clip import *\n")  # what clip-anytorch installs
-    info = site / "clip_anytorch-2.6.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: clip-anytorch\nVersion: 2.6.0\n")
-    (info / "RECORD").write_text("clip/__init__.py,,\nclip/clip.py,,\nclip/model.py,,\n")
-    result = subprocess.run([sys.executable, "-c", "import sys; from clip._cli import main; sys.exit(main(['models']))"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=str(site)))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"clip: error: the files of the clip package in {site / 'clip'} were overwritten "
-                                    "by clip-anytorch 2.6.0")
-    assert "Repair it with: pip install --no-deps --force-reinstall clip-dropin" in result.stderr
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Progress
 

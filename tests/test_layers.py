@@ -15,6 +15,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "clip"
 ENTRY_MODULES = {"__init__", "__main__"}  # the package's front doors: they may import anything
+LAUNCHER = "clip_dropin_launcher"  # the top-level module where the clip command starts, beside the package
 
 
 def modules() -> List[str]:
@@ -22,8 +23,9 @@ def modules() -> List[str]:
 
 
 def imports_of(name: str) -> Set[str]:
-    """The ``clip`` modules that ``clip/<name>.py`` imports, anywhere in the file."""
-    tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
+    """The ``clip`` modules that ``clip/<name>.py`` (or the top-level launcher) imports, anywhere in the file."""
+    path = REPO / f"{LAUNCHER}.py" if name == LAUNCHER else PACKAGE / f"{name}.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     known = set(modules())
     found = set()
     for node in ast.walk(tree):
@@ -31,7 +33,7 @@ def imports_of(name: str) -> Set[str]:
             found |= {alias.name.split(".")[1] for alias in node.names
                       if alias.name.startswith("clip.") and alias.name.count(".") >= 1}
         elif isinstance(node, ast.ImportFrom):
-            relative = node.level == 1
+            relative = node.level == 1 and name != LAUNCHER
             absolute = node.level == 0 and (node.module or "").split(".")[0] == "clip"
             if not (relative or absolute):
                 continue
@@ -90,15 +92,26 @@ def _design_map_order() -> List[str]:
     for line in section.splitlines():
         if line.startswith("|"):
             first_cell = line.split("|")[1]
-            order += [m for m in re.findall(r"`clip/(\w+)\.py`", first_cell) if m not in order]
+            order += [m for m in re.findall(r"`(?:clip/)?(\w+)\.py`", first_cell) if m not in order]
     return order
 
 
 def test_the_design_map_lists_every_module_bottom_first():
     order = _design_map_order()
+    assert order[-1] == LAUNCHER, "the launcher starts the command: it comes last, above the package"
+    order = order[:-1]
     assert sorted(order) == modules(), "the design map must list every module of clip/ once"
     for position, name in enumerate(order):
         above = set(order[position + 1:]) - ENTRY_MODULES
         if name in ENTRY_MODULES:
             continue
         assert not (imports_of(name) & above), f"{name} imports {imports_of(name) & above}, listed above it"
+
+
+def test_the_launcher_imports_only_the_command_line_and_only_in_a_function():
+    """It checks the package's files before importing any of them: no ``clip`` import at module level."""
+    assert imports_of(LAUNCHER) == {"_cli"}
+    tree = ast.parse((REPO / f"{LAUNCHER}.py").read_text(encoding="utf-8"))
+    top_level = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+    top_level += [node.module for node in tree.body if isinstance(node, ast.ImportFrom)]
+    assert not [name for name in top_level if name == "clip" or name.startswith("clip.")]
