@@ -442,7 +442,8 @@ class CLIP(nn.Module):
         own; the model is a ``CLIP`` and every text module (``transformer`` and everything in it, ``ln_final``) is
         exactly one of the classes the text path is made of, not a subclass, with no hook and no ``forward`` or
         ``attention`` set on the instance; and every block's ``attn_mask`` is a CPU tensor equal to the causal mask
-        of ``context_length`` (a CPU comparison, so checking never waits for a device).
+        of ``context_length`` (a CPU comparison, so checking never waits for a device). Where this torch lacks a
+        private name the check reads (``_PRIVATE_TORCH_NAMES``), it cannot tell, and answers no.
         """
         if not self.trim_text or type(self) is not CLIP or not _runs_eagerly(text):
             return False
@@ -564,8 +565,8 @@ def _is_recording() -> bool:
     tensors. A graph would keep one batch's lengths, and host reads of tensor values are not allowed in it."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return True
-    # Public from torch 2.5; in 2.4, torch.export's strict mode compiles (is_compiling) and its non-strict mode
-    # runs under the proxy and fake dispatch modes checked below.
+    # Public, but not in torch 2.4.1, where torch.export's strict mode compiles (is_compiling) and its non-strict
+    # mode runs under the proxy and fake dispatch modes checked below.
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     if is_exporting is not None and is_exporting():
         return True
