@@ -224,9 +224,9 @@ def _refused_global(message: str) -> Optional[str]:
     ``message``; None when the error is about something else.
 
     Every wording names it after "GLOBAL " (checked on torch 2.4.1, 2.14.1 and 2.15.0): "Unsupported global:
-    GLOBAL fractions.Fraction was not an allowed global by default" (2.14.1 writes a builtin without its
-    ``builtins.`` prefix), and, for a module it always refuses (os, posix, sys, ...; 2.14.1, not 2.4.1), "Trying
-    to load unsupported GLOBAL posix.system whose module posix is blocked".
+    GLOBAL fractions.Fraction was not an allowed global by default" (2.14.1 and 2.15.0 write a builtin without
+    its ``builtins.`` prefix), and, for a module it always refuses (os, posix, sys, ...; in 2.14.1 and 2.15.0, not
+    2.4.1), "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
     """
     refused = re.search(r"GLOBAL ([\w.]+)", message)
     return refused.group(1) if refused else None

@@ -162,9 +162,9 @@ REFUSALS = {
     "2.4.1": ("WeightsUnpickler error: Unsupported global: GLOBAL posix.system was not an allowed global by default. "
               "Please use `torch.serialization.add_safe_globals([system])` to allowlist this global if you trust "
               "this class/function.", "posix.system"),
-    "2.14.1 blocked": ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+    "2.14.1 and 2.15.0, blocked": ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
                        "posix.system"),
-    "2.14.1 builtin": ("WeightsUnpickler error: Unsupported global: GLOBAL eval was not an allowed global by default. "
+    "2.14.1 and 2.15.0, builtin": ("WeightsUnpickler error: Unsupported global: GLOBAL eval was not an allowed global by default. "
                        "Please use `torch.serialization.add_safe_globals([eval])` or the "
                        "`torch.serialization.safe_globals([eval])` context manager to allowlist this global if you "
                        "trust this class/function.", "eval"),
