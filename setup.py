@@ -37,6 +37,7 @@ setup(
     install_requires=read_requirements(),
     extras_require={
         "safetensors": ["safetensors>=0.4"],
+        # Each entry installs with every supported torch (2.4 on).
         "test": [
             "pytest>=7",
             "hypothesis>=6",
@@ -45,9 +46,16 @@ setup(
             "nbclient>=0.7",
             "nbformat>=5",
             "ipykernel",
-            "transformers>=4.30",
+            # [torch] declares the torch each release needs (5.18: torch>=2.5, 5.25: torch>=2.6), so pip
+            # picks one that runs with the installed torch (4.57 for torch 2.4); plain transformers 5 installs
+            # beside torch 2.4 and then disables its PyTorch models.
+            "transformers[torch]>=4.30",
             "open_clip_torch>=2.20",
             "matplotlib>=3.5",
+            # The wheel and sdist tests build with --no-build-isolation, from what is installed: pyproject.toml's
+            # build requirements, not left to whether torch happens to bring setuptools.
+            "setuptools>=70.1",
+            "wheel",
             # The cluster recipes' engines, run by tests/test_cluster.py (about 100 s to install together).
             "pyspark>=3.5",
             "ray[data]>=2.9",

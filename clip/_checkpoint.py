@@ -213,16 +213,28 @@ def _torch_load(path: str, *, mmap: bool, hint: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # weights_only refuses a file that names a Python global (a class or function) it does not allow.
-        refused = re.search(r"GLOBAL:? ?([\w.]+)", str(e))
+        refused = _refused_global(str(e))
         if refused:
             raise CheckpointError(
-                f"{path} holds pickled objects other than tensors ({refused.group(1)}), and loading them could run "
+                f"{path} holds pickled objects other than tensors ({refused}), and loading them could run "
                 f"arbitrary code; refusing it. Save the weights alone with torch.save(model.state_dict(), path)"
             ) from e
         raise _not_a_checkpoint(path, e, hint) from e
     except Exception as e:  # torch's parser meets arbitrary bytes: whatever it raises means "not a checkpoint"
         raise _not_a_checkpoint(path, e, hint) from e
+
+
+def _refused_global(message: str) -> Optional[str]:
+    """The Python global (a class or function) that ``torch.load(weights_only=True)`` refused, read from its error
+    ``message``; None when the error is about something else.
+
+    Every wording names it after "GLOBAL " (checked on torch 2.4.1, 2.14.1 and 2.15.0): "Unsupported global:
+    GLOBAL fractions.Fraction was not an allowed global by default" (2.14.1 and 2.15.0 write a builtin without
+    its ``builtins.`` prefix), and, for a module it always refuses (os, posix, sys, ...; in 2.14.1 and 2.15.0, not
+    2.4.1), "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
+    """
+    refused = re.search(r"GLOBAL ([\w.]+)", message)
+    return refused.group(1) if refused else None
 
 
 def _not_a_checkpoint(path: str, cause: BaseException, hint: str) -> CheckpointError:

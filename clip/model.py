@@ -453,11 +453,12 @@ class CLIP(nn.Module):
         own; the model is a ``CLIP`` and every text module (``transformer`` and everything in it, ``ln_final``) is
         exactly one of the classes the text path is made of, not a subclass, with no hook and no ``forward`` or
         ``attention`` set on the instance; and every block's ``attn_mask`` is a CPU tensor equal to the causal mask
-        of ``context_length`` (a CPU comparison, so checking never waits for a device).
+        of ``context_length`` (a CPU comparison, so checking never waits for a device). Where this torch lacks a
+        private name the check reads (``_PRIVATE_TORCH_NAMES``), it cannot tell, and answers no.
         """
         if not self.trim_text or type(self) is not CLIP or not _runs_eagerly(text):
             return False
-        if _has_global_hooks() or _torch_patched():
+        if _private_torch_missing(self) or _has_global_hooks() or _torch_patched():
             return False
         causal = set()  # ids of the masks checked in this call: the blocks usually share one
         for module in (*self.transformer.modules(), self.ln_final):
@@ -492,7 +493,7 @@ def _text_path_functions() -> Tuple[Tuple[object, str, object], ...]:
     """(owner, name, function) for what the text path calls by name: the forward and attention methods of its
     classes and their bases (LayerNorm calls nn.LayerNorm.forward), and the torch functions those look up."""
     owners = [(F, ("layer_norm", "linear", "multi_head_attention_forward", "scaled_dot_product_attention")),
-              (torch, ("sigmoid",)), (nn.Module, ("__call__", "_call_impl"))]
+              (torch, ("sigmoid",)), (nn.Module, ("__call__", "_call_impl"))]  # _call_impl: _PRIVATE_TORCH_NAMES
     bases = {base for cls in _TEXT_MODULE_TYPES for base in cls.__mro__
              if issubclass(base, nn.Module) and base is not nn.Module}
     owners += [(cls, ("forward", "attention")) for cls in sorted(bases, key=lambda c: c.__qualname__)]
@@ -522,31 +523,69 @@ def _overridden_on_instance(module: nn.Module) -> bool:
     return "forward" in module.__dict__ or "attention" in module.__dict__
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Private torch names: the one place the trimming guard reads them. Nothing public tells whether a module or the
+# process has hooks, whether a fake or proxy dispatch mode is active (make_fx, non-strict torch.export), or whether
+# a functorch transform (vmap, grad) holds the run. Each name below is present, with the meaning used here, in
+# torch 2.4.1, 2.14.1 and 2.15.0 (checked). Should a later torch lack one, the guard cannot prove that nothing
+# observes the shapes, so encode_text stops trimming (all context_length positions run: the same features, more
+# work) rather than trimming with a weaker check, and tests/test_text_path.py::test_the_private_torch_names_exist
+# fails on that torch. (NonDynamicallyQuantizableLinear, imported above, fails the import instead.)
+
+# The hook dicts of every nn.Module instance.
+_MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# The process-wide hook dicts (nn.modules.module.register_module_forward_hook and its kin fill them).
+_GLOBAL_HOOK_DICTS = tuple("torch.nn.modules.module._global" + name for name in _MODULE_HOOK_DICTS)
+_PRIVATE_TORCH_NAMES = _GLOBAL_HOOK_DICTS + (
+    "torch._C._TorchDispatchModeKey.FAKE",  # the dispatch modes that turn a run into a graph
+    "torch._C._TorchDispatchModeKey.PROXY",
+    "torch._C._get_dispatch_mode",
+    "torch._C._functorch.peek_interpreter_stack",  # the innermost functorch transform, or None
+    "torch.nn.Module._call_impl",  # what nn.Module.__call__ runs, looked up by name (so a patch must be seen)
+)
+_MISSING = object()  # true, so a missing hook dict counts as holding a hook
+
+
+def _private_torch(name: str) -> object:
+    """The object at the dotted ``name`` (``torch.`` and a path of attributes), or ``_MISSING``."""
+    obj = torch
+    for part in name.split(".")[1:]:
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            break
+    return obj
+
+
+def _private_torch_missing(module: nn.Module) -> List[str]:
+    """The private torch names the guard reads that this torch lacks, ``module``'s hook dicts included."""
+    missing = [name for name in _PRIVATE_TORCH_NAMES if _private_torch(name) is _MISSING]
+    return missing + [f"{type(module).__name__}().{name}" for name in _MODULE_HOOK_DICTS
+                      if not isinstance(getattr(module, name, None), dict)]
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
+    return any(getattr(module, name, _MISSING) for name in _MODULE_HOOK_DICTS)
 
 
 def _has_global_hooks() -> bool:
-    hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                or getattr(hooks, "_global_backward_pre_hooks", None))
-
-
-# Dispatch modes that turn a run into a graph (torch.export, make_fx, fake-tensor tracing); absent in old torch.
-_MODE_KEYS = getattr(torch._C, "_TorchDispatchModeKey", None)
-_GRAPH_MODE_KEYS = tuple(getattr(_MODE_KEYS, key) for key in ("FAKE", "PROXY") if hasattr(_MODE_KEYS, key))
+    return any(_private_torch(name) for name in _GLOBAL_HOOK_DICTS)
 
 
 def _is_recording() -> bool:
     """Whether the run is being recorded as a graph: tracing, scripting, compiling, exporting, fake or proxy
     tensors. A graph would keep one batch's lengths, and host reads of tensor values are not allowed in it."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and any(getattr(compiler, name, bool)() for name in ("is_compiling", "is_exporting")):
+    # Public, but not in torch 2.4.1, where torch.export's strict mode compiles (is_compiling) and its non-strict
+    # mode runs under the proxy and fake dispatch modes checked below.
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
         return True
-    return any(torch._C._get_dispatch_mode(key) is not None for key in _GRAPH_MODE_KEYS)
+    get_mode = _private_torch("torch._C._get_dispatch_mode")
+    keys = [_private_torch("torch._C._TorchDispatchModeKey." + key) for key in ("FAKE", "PROXY")]
+    if get_mode is _MISSING or _MISSING in keys:
+        return True  # cannot tell: count it as recorded
+    return any(get_mode(key) is not None for key in keys)
 
 
 def _runs_eagerly(x: torch.Tensor) -> bool:
@@ -554,8 +593,8 @@ def _runs_eagerly(x: torch.Tensor) -> bool:
     (``_is_recording``), no functorch transform (``vmap``, ``grad``) holds it, no CUDA graph is being captured."""
     if type(x) is not torch.Tensor or x.device.type == "meta" or _is_recording():
         return False
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    if peek is not None and peek() is not None:
+    peek = _private_torch("torch._C._functorch.peek_interpreter_stack")
+    if peek is _MISSING or peek() is not None:
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 

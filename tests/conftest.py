@@ -19,12 +19,24 @@ VOCAB = REPO / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 _run_folder = None
 
 
+def _base_folder() -> str:
+    """Where the run's folder goes: the temporary directory, or /tmp where that is too long for sockets.
+
+    A Unix socket's path holds at most 107 bytes, and Python's multiprocessing (which DataLoader workers use to
+    pass tensors) makes its sockets two folders down in the run's temporary folder; under a long TMPDIR, their
+    paths would not fit.
+    """
+    base = tempfile.gettempdir()
+    deepest = os.path.join(base, "clip-tests-12345678", "tmp", "pymp-12345678", "listener-12345678")
+    return "/tmp" if len(deepest) > 107 and os.path.isdir("/tmp") else base
+
+
 def pytest_configure(config):
     """Point the cache, home, config and temporary folders of this run (and its subprocesses) at a fresh folder."""
     global _run_folder
     if _run_folder is not None or hasattr(config, "workerinput"):
         return
-    _run_folder = tempfile.mkdtemp(prefix="clip-tests-")
+    _run_folder = tempfile.mkdtemp(prefix="clip-tests-", dir=_base_folder())
     folders = {
         "CLIP_CACHE_DIR": "cache",
         "HOME": "home",  # anything that writes under ~ (jupyter, matplotlib, torch.hub) writes here

@@ -1,4 +1,5 @@
 """Reading checkpoint files: archives without TorchScript, plain and wrapped state dicts, and every bad input."""
+import fractions
 import os
 import pickle
 import zipfile
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import clip
-from clip._checkpoint import CheckpointError
+from clip._checkpoint import CheckpointError, _refused_global
 from clip._layouts import read_state_dict
 from clip.model import ARCHIVE_SCALAR_KEYS
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, save_archive, save_state_dict
@@ -143,6 +144,41 @@ def test_a_pickle_that_wants_to_run_code_is_refused(tmp_path):
     refused = r"evil.pt holds pickled objects other than tensors \((posix|os|nt).system\)"
     with pytest.raises(CheckpointError, match=refused):
         read_state_dict(str(path))
+
+
+class Evaluates:
+    def __reduce__(self):
+        return (eval, ("0",))
+
+
+@pytest.mark.parametrize("payload, name", [(fractions.Fraction(1, 3), r"fractions\.Fraction"),
+                                           (Evaluates(), r"(builtins\.)?eval")], ids=["class", "builtin"])
+def test_any_refused_global_is_named(tmp_path, payload, name):
+    """Not only the modules torch always refuses (os, posix, sys): any global outside its allowed list."""
+    path = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(1), "payload": payload}, path)
+    with pytest.raises(CheckpointError, match=rf"other.pt holds pickled objects other than tensors \({name}\)"):
+        read_state_dict(str(path))
+
+
+# torch.load(weights_only=True)'s refusals, as torch words them (its "Weights only load failed ..." preamble cut).
+REFUSALS = {
+    "2.4.1": ("WeightsUnpickler error: Unsupported global: GLOBAL posix.system was not an allowed global by default. "
+              "Please use `torch.serialization.add_safe_globals([system])` to allowlist this global if you trust "
+              "this class/function.", "posix.system"),
+    "2.14.1 and 2.15.0, blocked": ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+                       "posix.system"),
+    "2.14.1 and 2.15.0, builtin": ("WeightsUnpickler error: Unsupported global: GLOBAL eval was not an allowed global by default. "
+                       "Please use `torch.serialization.add_safe_globals([eval])` or the "
+                       "`torch.serialization.safe_globals([eval])` context manager to allowlist this global if you "
+                       "trust this class/function.", "eval"),
+    "2.14.1 protocol 4": ("WeightsUnpickler error: \n\nUnsupported operand 149", None),
+}
+
+
+@pytest.mark.parametrize("message, name", list(REFUSALS.values()), ids=list(REFUSALS))
+def test_the_refused_global_is_read_from_every_wording(message, name):
+    assert _refused_global(message) == name
 
 
 def test_an_archive_whose_data_pkl_wants_to_run_code_is_refused(tmp_path):

@@ -10,6 +10,7 @@ import pathlib
 import re
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -76,9 +77,15 @@ def check_equal_to_unsharded(setup, output) -> None:
 @pytest.fixture(scope="module")
 def ray_cluster(setup):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A socket's path holds at most 107 bytes. Ray keeps its sockets in its temporary folder, and its workers'
+    # DataLoader workers pass tensors through sockets in TMPDIR, so under a long TMPDIR (macOS's is about 49
+    # characters, and the run's own folder adds 20) neither works: both get a short folder of their own in /tmp.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
+             runtime_env={"env_vars": {"TMPDIR": temp}})
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

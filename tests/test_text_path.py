@@ -373,6 +373,36 @@ def test_nothing_trims_inside_transforms_or_graphs():
                     "compile": False, "fake": False, "meta": False}
 
 
+def test_the_private_torch_names_exist():
+    """Every private torch name the guard reads is in this torch. One gone stops trimming (see the next test): this
+    test is what says so, naming it, rather than the speed-up quietly disappearing."""
+    assert clip.model._private_torch_missing(torch.nn.Linear(1, 1)) == []
+
+
+PRIVATE_NAMES = {name.rsplit(".", 1)[-1]: name for name in clip.model._PRIVATE_TORCH_NAMES}
+
+
+@pytest.mark.parametrize("name", list(PRIVATE_NAMES.values()), ids=list(PRIVATE_NAMES))
+def test_without_a_private_torch_name_nothing_trims(model, monkeypatch, name):
+    """As in a torch without ``name`` (torch itself still reads its own, so the name is hidden from the guard)."""
+    lookup = clip.model._private_torch
+    monkeypatch.setattr(clip.model, "_private_torch", lambda path: clip.model._MISSING if path == name else lookup(path))
+    text = tokens([3, 5])
+    assert clip.model._private_torch_missing(model) == [name]
+    assert flops(lambda: encode(model, text)) > full_length_flops(model, 2)
+    assert_close(encode(model, text), oracle(model, text))
+
+
+@pytest.mark.parametrize("name", clip.model._MODULE_HOOK_DICTS)
+def test_a_module_without_a_hook_dict_counts_as_hooked(name):
+    """(Torch's own calls need the dicts, so a module without one cannot run: only the guard's reading is checked.)"""
+    module = torch.nn.Linear(1, 1)
+    assert not clip.model._has_hooks(module)
+    delattr(module, name)
+    assert clip.model._has_hooks(module)
+    assert clip.model._private_torch_missing(module) == [f"Linear().{name}"]
+
+
 class EncodeText(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
