@@ -30,7 +30,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(exclude=["tests*", "benchmarks*"]),
     # The clip command starts outside the package, so it can check the package's files before importing them.
     py_modules=["clip_dropin_launcher"],
