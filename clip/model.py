@@ -543,8 +543,8 @@ def _runs_eagerly(x: torch.Tensor) -> bool:
 
 
 # What running one more group costs beyond its rows' positions, in row-positions (one row run one position further):
-# on the CPU each group reads all the text weights once more (the value measured in benchmarks/README.md, "Text
-# groups: the cost of one more"); on CUDA launching a group's kernels takes as long as thousands of positions compute (an estimate).
+# on the CPU each group reads all the text weights once more (measured: benchmarks/README.md, "Text groups: the cost
+# of one more"); on CUDA, launching a group's kernels takes as long as thousands of positions compute (an estimate).
 _GROUP_OVERHEAD = {"cpu": 64, "cuda": 4096}
 
 
