@@ -22,8 +22,8 @@ import filelock
 
 from . import _http, _registry
 
-__all__ = ["CacheCheck", "DownloadError", "cache_dir", "cached_path", "download", "sha256_from_url",
-           "verify_cache", "write_atomically"]
+__all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "check_file", "download",
+           "sha256_from_url", "verify_cache", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -43,6 +43,10 @@ _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 class DownloadError(RuntimeError):
     """A file could not be downloaded or verified; the message says what was tried and what to do."""
+
+
+class CacheFolderError(DownloadError, FileExistsError):
+    """A file stands where the cache folder should be: the original's ``FileExistsError`` from ``os.makedirs``."""
 
 
 class _NotAFile(OSError):
@@ -135,7 +139,8 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
     Raises
     ------
     DownloadError
-        If no source gave the right bytes, the cache folder cannot be written, a setting is invalid, or the machine
+        If no source gave the right bytes, the cache folder cannot be written, a folder stands at the file's
+        path, a setting is invalid, or the machine
         is offline (``CLIP_OFFLINE``) and the file is not in the cache; the message names the URLs tried, the
         hashes, the bytes received, the folder and what to do. A wrong file found in the cache is left in place
         until a verified one replaces it; a link there is replaced itself, and what it leads to is never written.
@@ -145,6 +150,11 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
     seen = _inspect(target, expected)
     if seen.ok:
         return target
+    if seen.entry.status is not None and stat.S_ISDIR(seen.entry.status.st_mode):
+        # No file can replace a folder: fail before any download, as the original did.
+        raise DownloadError(f"{target} is a folder, so {os.path.basename(target)} cannot be put there: move or "
+                            "remove the folder, or choose another cache folder with download_root= or "
+                            "CLIP_CACHE_DIR")
     label = _describe(url, target)
     try:
         offline = _http.offline_variable()
@@ -293,10 +303,14 @@ def _offline_message(variable: str, label: str, target: str, expected: str, sour
         f"{variable}={os.environ[variable]} is set, so clip does not use the network, and "
         f"{label} {_state(seen, expected)}.\n"
         f"To use it offline, fetch it on a machine with network access from one of:{urls}\n"
-        f"check that its SHA-256 is {expected}, and put it at {target}{kept} "
-        f"(the folder {os.path.dirname(target)}, chosen by download_root or CLIP_CACHE_DIR).\n"
+        f"check that its SHA-256 is {expected}, and put it at {target}{kept}.\n"
+        f"{_LOCAL_FILE_HINT}\n"
         f"Or unset {variable} to let clip download it."
     )
+
+
+# The simplest way forward on a machine without network: a checkpoint file already at hand needs no cache.
+_LOCAL_FILE_HINT = "A checkpoint file you already have loads from its path: clip.load(PATH), or --model PATH."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,6 +558,11 @@ def _check_recorded(target: str) -> CacheCheck:
     if not isinstance(expected, str):
         return CacheCheck(target, "", False,
                           f"the record {target + RECORD_SUFFIX} is unreadable: delete it; the next load re-checks")
+    return check_file(target, expected)
+
+
+def check_file(target: str, expected: str) -> CacheCheck:
+    """Re-hash the file at ``target`` (streaming, writing nothing) against the ``expected`` SHA-256."""
     entry = _look(target)
     if entry.status is None:
         return CacheCheck(target, expected, False, "missing: the record has no file beside it")
@@ -585,7 +604,8 @@ def _locked(target: str, what: str) -> Iterator[None]:
             f"waited {LOCK_TIMEOUT:.0f} s for {target + LOCK_SUFFIX}, held by another process downloading "
             f"{os.path.basename(target)}; if no such process runs any more, delete the lock file") from error
     except OSError as error:
-        raise DownloadError(
+        kind = CacheFolderError if isinstance(error, FileExistsError) else DownloadError
+        raise kind(
             f"{what}, and it must be downloaded into {folder}, which cannot be written ({error}); choose a writable "
             "folder with download_root= or CLIP_CACHE_DIR, or put the verified file there") from error
     try:
@@ -658,7 +678,7 @@ def _fetch(sources: Sequence[str], target: str, expected: str, label: str, setti
         f"could not download {label} into {os.path.dirname(target)}; tried:{tried}\n{kept}"
         "Check the network and any proxy (HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE), then try again; or fetch the file "
         f"from one of those URLs yourself, check that its SHA-256 is {expected}, and put it at {target}; or set "
-        "CLIP_DOWNLOAD_BASE to a mirror that has it."
+        f"CLIP_DOWNLOAD_BASE to a mirror that has it.\n{_LOCAL_FILE_HINT}"
     )
 
 

@@ -53,8 +53,15 @@ _SAFETENSORS_HEADER_LENGTH = struct.Struct("<Q")
 _SAFETENSORS_MAX_HEADER = 100_000_000
 
 
-class CheckpointError(RuntimeError, ValueError):
-    """A file that cannot be read as a CLIP checkpoint; the message names the file and what was expected."""
+class CheckpointError(RuntimeError):
+    """A file that cannot be read as a CLIP checkpoint; the message names the file and what was expected.
+
+    A ``RuntimeError``, as the original's ``load`` raised for a name or path it could not load.
+    """
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Nothing at a checkpoint path: the original's ``RuntimeError``, and the ``FileNotFoundError`` it is."""
 
 
 def format_keys(keys: Iterable[Any], limit: int = 20) -> str:
@@ -67,10 +74,10 @@ def format_keys(keys: Iterable[Any], limit: int = 20) -> str:
     return (shown or "none") + (" ..." if len(keys) > limit else "")
 
 
-def no_checkpoint_error(path: str) -> FileNotFoundError:
+def no_checkpoint_error(path: str) -> CheckpointNotFoundError:
     """The error for a checkpoint path where nothing is."""
-    return FileNotFoundError(f"no checkpoint at {path}; expected a checkpoint file or folder, or a release name "
-                             f"from clip.available_models()")
+    return CheckpointNotFoundError(f"no checkpoint at {path}; expected a checkpoint file or folder, or a release "
+                                   f"name from clip.available_models()")
 
 
 def check_regular_file(path: str) -> int:
@@ -78,12 +85,10 @@ def check_regular_file(path: str) -> int:
 
     Raises
     ------
-    FileNotFoundError
-        When nothing is at ``path``.
-    IsADirectoryError
-        When ``path`` is a directory.
+    CheckpointNotFoundError
+        When nothing is at ``path`` (also a ``FileNotFoundError``).
     CheckpointError
-        When ``path`` is a symbolic-link loop, a FIFO, a device or socket, or empty.
+        When ``path`` is a directory, a symbolic-link loop, a FIFO, a device or socket, or empty.
     """
     try:
         info = os.stat(path)
@@ -94,7 +99,7 @@ def check_regular_file(path: str) -> int:
             raise CheckpointError(f"{path} is a loop of symbolic links; point it at the checkpoint file") from e
         raise
     if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(f"{path} is a directory; expected a checkpoint file")
+        raise CheckpointError(f"{path} is a directory; expected a checkpoint file")
     if not stat.S_ISREG(info.st_mode):
         raise CheckpointError(f"{path} is not a regular file but {_file_kind(info.st_mode)}; expected a checkpoint "
                               f"file")
@@ -119,7 +124,7 @@ def read_file(path: str) -> StateDict:
 
     Raises
     ------
-    FileNotFoundError, IsADirectoryError
+    CheckpointError
         When ``path`` does not name a file.
     ImportError
         For a safetensors file when the ``safetensors`` package is missing.

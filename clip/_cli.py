@@ -127,8 +127,7 @@ def _run_model_command(name: str) -> Callable[[argparse.Namespace], int]:
 
 def _add_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-root", metavar="DIR",
-                        help="the cache folder (default: $CLIP_CACHE_DIR, else $XDG_CACHE_HOME/clip, else "
-                             "~/.cache/clip)")
+                        help="the cache folder (default: $CLIP_CACHE_DIR, else ~/.cache/clip)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL,
@@ -322,26 +321,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     folder = _cache.cache_dir(args.download_root)
     only = _release_or_error(args.model) if args.model else None
     files = [f for name, _url, f in _release_files() if name == only] if only else None
-    results = _cache.verify_cache(args.download_root, files=files)
-    for result in results:
+    try:
+        results = _cache.verify_cache(args.download_root, files=files)
+    except _cache.DownloadError as error:  # the folder cannot be listed
+        raise CLIError(str(error)) from None
+    checked = {os.path.abspath(result.path) for result in results}
+    # A release file without a record (put there by hand, as the download error suggests): hashed against the
+    # registry's SHA-256, which its URL carries.
+    for name, url, file_name in _release_files():
+        path = os.path.join(folder, file_name)
+        if (only is None or name == only) and os.path.lexists(path) and os.path.abspath(path) not in checked:
+            try:
+                expected = _cache.sha256_from_url(url)
+            except _cache.DownloadError:  # a registry entry whose URL carries no hash: nothing to verify against
+                continue
+            results.append(_cache.check_file(path, expected))
+    for result in sorted(results, key=lambda result: result.path):
         status = "ok" if result.ok else "FAILED"
         print(f"{status:<6}  {result.path}" + ("" if result.ok else f": {result.message}"))
-    checked = {os.path.abspath(result.path) for result in results}
-    unchecked = 0
-    for name, _url, file_name in _release_files():
-        path = os.path.join(folder, file_name)
-        if (only is None or name == only) and os.path.isfile(path) and os.path.abspath(path) not in checked:
-            unchecked += 1
-            print(f"{'-':<6}  {path}: never verified, so there is no hash on record to check; "
-                  f"'clip download {name}' verifies it")
     failed = sum(not result.ok for result in results)
-    if not results and not unchecked:
+    if not results:
         print(f"no verified files in {folder}")
         return 0
-    summary = f"{len(results)} file(s) checked, {failed} failed"
-    if unchecked:
-        summary += f", {unchecked} never verified"
-    print(f"\n{summary} in {folder}")
+    print(f"\n{len(results)} file(s) checked, {failed} failed in {folder}")
     return 1 if failed else 0
 
 

@@ -1,9 +1,10 @@
 """The ``jit=True`` path: load a release TorchScript archive and patch its graphs to run on the target device.
 
 Release archives were traced on CUDA in float16: their graphs hold ``Device`` constants naming ``cuda`` and
-``aten::to`` casts to dtype code 5 (float16). Off CUDA, both are rewritten (to the target device and to float32)
-and the parameters are cast to float32, as the original does. Anything that goes wrong returns ``None`` with a
-warning, and ``load`` falls back to the plain PyTorch model.
+``aten::to`` casts to dtype code 5 (float16). The device constants are pointed at the target device; on the CPU
+the casts and the parameters also become float32, as the original does (every other device keeps float16, as
+there). A file that is not an archive returns ``None`` with a warning, and ``load`` falls back to the plain
+model; any other error (TorchScript failing, CUDA out of memory) is raised.
 """
 import warnings
 from typing import Iterator, Optional
@@ -20,27 +21,23 @@ _FLOAT32 = 6
 
 
 def load_jit(path: str, device: torch.device) -> Optional[torch.jit.ScriptModule]:
-    """Load a TorchScript archive onto ``device``, patched to run there; ``None`` (with a warning) if it can't.
+    """Load a TorchScript archive onto ``device``, patched to run there; ``None`` (with a warning) for a file that
+    is not an archive.
 
-    On CUDA the archive keeps its float16 weights; elsewhere it runs in float32.
+    On the CPU the archive runs in float32; elsewhere (CUDA, mps, xpu, ...) it keeps its float16 weights.
     """
     if not is_torchscript_archive(path):
         warnings.warn(f"{path} is not a TorchScript archive, so jit=True cannot apply; loading it as a plain "
                       f"PyTorch model instead (jit=False)", stacklevel=3)
         return None
-    try:
-        with warnings.catch_warnings():
-            # Recent PyTorch deprecates TorchScript: the user asked for it, so its deprecation notice is noise.
-            warnings.simplefilter("ignore", FutureWarning)
-            model = torch.jit.load(path, map_location=device).eval()
-        _patch_devices(model, device)
-        if device.type != "cuda":
-            _patch_float16_casts(model)
-            model.float()
-    except Exception as e:  # TorchScript missing, removed or failing: the plain model can still serve
-        warnings.warn(f"TorchScript could not load {path} on {device} ({type(e).__name__}: {e}); loading it as a "
-                      f"plain PyTorch model instead (jit=False)", stacklevel=3)
-        return None
+    with warnings.catch_warnings():
+        # Recent PyTorch deprecates TorchScript: the user asked for it, so its deprecation notice is noise.
+        warnings.simplefilter("ignore", FutureWarning)
+        model = torch.jit.load(path, map_location=device).eval()
+    _patch_devices(model, device)
+    if device.type == "cpu":
+        _patch_float16_casts(model)
+        model.float()
     return model
 
 
@@ -70,37 +67,16 @@ def _patch_devices(model: torch.jit.ScriptModule, device: torch.device) -> None:
 
 
 def _patch_float16_casts(model: torch.jit.ScriptModule) -> None:
-    """Make every float16 dtype constant that an ``aten::to`` cast uses a float32 one, as the original does.
+    """Make every float16 dtype constant that an ``aten::to`` cast takes a float32 one, as the original does.
 
-    TorchScript pools equal constants, so the release ViTs' single float16 constant also gives the class token's
-    ``aten::zeros`` its dtype; like the original, we rewrite it for every use that takes a dtype, so those zeros are
-    float32 too. A use that takes it as a plain integer (never seen in a release) keeps the value 5 through a copy.
+    The dtype is the cast's second or third input. TorchScript pools equal constants, so the release ViTs' single
+    float16 constant also gives the class token's ``aten::zeros`` its dtype: rewriting it in place makes those zeros
+    float32 too, exactly as in the original.
     """
     for graph in _graphs(model):
-        for constant in graph.findAllNodes("prim::Constant"):
-            if not (constant.hasAttribute("value") and constant.kindOf("value") == "i"
-                    and constant.i("value") == _FLOAT16):
-                continue
-            uses = [(use, _takes_dtype(use)) for use in constant.output().uses()]
-            if not any(use.user.kind() == "aten::to" and dtype for use, dtype in uses):
-                continue
-            integer_uses = [use for use, dtype in uses if not dtype]
-            if integer_uses:
-                integer = graph.create("prim::Constant")
-                integer.i_("value", _FLOAT16)
-                integer.output().setType(constant.output().type())
-                integer.insertBefore(constant)
-                for use in integer_uses:
-                    use.user.replaceInput(use.offset, integer.output())
-            constant.i_("value", _FLOAT32)
-
-
-def _takes_dtype(use: "torch._C.Use") -> bool:
-    """Whether the input a use feeds is the ``dtype`` argument of the operator's schema."""
-    try:
-        schema = torch._C.parse_schema(use.user.schema())
-    except RuntimeError:  # "(no schema)": not an operator call, so not a dtype argument
-        return False
-    arguments = schema.arguments
-    # TorchScript types a ScalarType argument as int, so the argument's name is what tells a dtype.
-    return use.offset < len(arguments) and arguments[use.offset].name == "dtype"
+        for cast in graph.findAllNodes("aten::to"):
+            for value in list(cast.inputs())[1:3]:
+                constant = value.node()
+                if (constant.kind() == "prim::Constant" and constant.hasAttribute("value")
+                        and constant.kindOf("value") == "i" and constant.i("value") == _FLOAT16):
+                    constant.i_("value", _FLOAT32)

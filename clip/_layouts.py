@@ -45,10 +45,9 @@ def read_state_dict(path: str) -> StateDict:
 
     Raises
     ------
-    FileNotFoundError, IsADirectoryError
-        When ``path`` names nothing, or a folder that is not a checkpoint.
     CheckpointError
-        When the file is empty, truncated, not a checkpoint, wants to run code, holds no tensors, or holds a model
+        When ``path`` names nothing (``CheckpointNotFoundError``), a folder that is not a checkpoint, or when the
+        file is empty, truncated, not a checkpoint, wants to run code, holds no tensors, or holds a model
         that ``clip.model.CLIP`` does not compute exactly.
     """
     path = os.fspath(path)
@@ -73,10 +72,8 @@ def read_folder(path: str) -> StateDict:
 
     Raises
     ------
-    IsADirectoryError
-        When the folder holds neither configuration file.
     CheckpointError
-        When the configuration describes an architecture that is not supported or that its weights do not have,
+        When the folder holds neither configuration file, when the configuration describes an architecture that is not supported or that its weights do not have,
         or the weights are missing.
     """
     open_clip_config = os.path.join(path, OPEN_CLIP_CONFIG)
@@ -91,7 +88,7 @@ def read_folder(path: str) -> StateDict:
     hf_config = os.path.join(path, HF_CONFIG)
     if os.path.isfile(hf_config):
         return _hf_checked(lambda: _read_weights(path, HF_WEIGHTS, HF_CONFIG), hf_config, path)
-    raise IsADirectoryError(
+    raise CheckpointError(
         f"{path} is a directory without {HF_CONFIG} (Hugging Face) or {OPEN_CLIP_CONFIG} (open_clip); expected a "
         f"checkpoint file (.pt, .pth, .safetensors), such a folder, or a release name from clip.available_models()")
 

@@ -10,16 +10,16 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 from . import _cache, _registry
-from ._checkpoint import CheckpointError, no_checkpoint_error
+from ._checkpoint import no_checkpoint_error
 from ._layouts import read_state_dict
-from .model import CLIP, StateDictError, model_from_state_dict
+from .model import CLIP, StateDictError, build_model, model_from_state_dict  # noqa: F401 (the original's import)
 from . import simple_tokenizer as _simple_tokenizer
 from .simple_tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401  (the original's alias; clients import it)
 
 __all__ = ["available_models", "load", "tokenize"]
 
 BICUBIC = InterpolationMode.BICUBIC
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, bytes, "os.PathLike[str]"]
 
 # The release checkpoints (name -> URL; the folder in each URL is the file's SHA-256). Clients read and replace
 # this dict, so load() looks it up here at call time.
@@ -87,7 +87,7 @@ def load(name: PathLike,
 
     Parameters
     ----------
-    name : str or os.PathLike
+    name : str, bytes or os.PathLike
         A model name listed by :func:`available_models` (also spelled as its file, ``"ViT-B-32"``, in any case),
         or the path to a checkpoint: a release archive, a ``torch.save`` state dict, a wrapped checkpoint
         (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` prefixes), a ``.safetensors`` file, or a
@@ -133,7 +133,12 @@ def _checkpoint_path(name: PathLike, download_root: Optional[PathLike]) -> str:
     In the original's order: an exact registry key, then an existing path, then our other spellings of a release
     name ("vit-b-32"), so a file or folder called "vit-b-32" in the working directory is loaded, not the release.
     """
-    name = os.fspath(name)
+    if name is None:  # the original's os.path.isfile(None) raised a TypeError
+        raise TypeError("load() needs a model name from clip.available_models() or a checkpoint path, not None")
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        raise RuntimeError(f"Model {name!r} not found: load() takes a model name from clip.available_models() or a "
+                           f"checkpoint path, not a {type(name).__name__}")
+    name = os.fsdecode(name)  # a bytes path or any os.PathLike, as str
     # Looked up at call time: clients replace clip.clip._MODELS and clip.clip._download.
     if name in _MODELS:
         return _download(_MODELS[name], _cache.cache_dir(download_root))
@@ -167,17 +172,8 @@ def _build(path: str, device: torch.device) -> CLIP:
     try:
         # As the original: the release's float16 weights everywhere but on the CPU (CUDA, and also mps, xpu, ...).
         return model_from_state_dict(state_dict, device=device, half=device.type != "cpu", consume=True)
-    except ValueError as e:
-        raise WrongModelError(f"{path} is not a CLIP checkpoint: {e}") from e
-
-
-class WrongModelError(CheckpointError, StateDictError):
-    """A checkpoint whose tensors are not those of a CLIP model.
-
-    Also a ``KeyError`` (through ``StateDictError``), as the original's ``load`` raised from ``build_model`` for such
-    a file, so code written against the original catches it (and a ``RuntimeError``, like every
-    ``CheckpointError``).
-    """
+    except StateDictError as e:  # a KeyError too, as the original's build_model raised for such a file
+        raise StateDictError(f"{path} is not a CLIP checkpoint: {e}") from e
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._checkpoint import format_keys
+from ._checkpoint import CheckpointError, format_keys
 
 __all__ = [
     "AttentionPool2d",
@@ -387,7 +387,18 @@ class CLIP(nn.Module):
         Under the causal mask a row's features depend only on its positions up to its end of text, so when
         ``_trims_text`` proves it computes the same features, rows run in groups, each only as far as its longest
         row (the README's "The text fast path"). Otherwise, or with ``trim_text = False``, all positions run.
+
+        Raises
+        ------
+        RuntimeError
+            When ``text`` has more positions than the model's context length (the original's error type), whatever
+            the texts and ``trim_text``.
         """
+        context_length = self.positional_embedding.shape[0]
+        if text.dim() and text.shape[-1] > context_length:
+            raise RuntimeError(f"text has {text.shape[-1]} positions, more than this model's context length "
+                               f"{context_length}; tokenize with context_length={context_length} (clip.tokenize's "
+                               f"default)")
         x = self.token_embedding(text).type(self.dtype)  # [N, n_ctx, d_model]
         eot = text.argmax(dim=-1)  # [N]: the end-of-text token has the highest id in each row
         if text.shape[0] and self._trims_text(text):
@@ -666,16 +677,14 @@ class ModelDims:
     transformer_layers: int
 
 
-class StateDictError(KeyError, RuntimeError, ValueError):
+class StateDictError(CheckpointError, KeyError):
     """A state dict that is not one of a CLIP model; the message lists the keys or shapes that do not fit.
 
-    It is a ``KeyError`` and a ``RuntimeError``, the errors the original ``build_model`` raised for a missing key and
-    for keys or shapes ``load_state_dict`` refused, so code written against the original catches it, and a
-    ``ValueError``, the error of a bad argument.
+    A ``RuntimeError`` (as every ``CheckpointError``) and a ``KeyError``: the errors the original's ``build_model``
+    raised for keys or shapes ``load_state_dict`` refused and for a missing key.
     """
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""  # KeyError's own __str__ would quote the message
+    __str__ = CheckpointError.__str__  # the message as written: KeyError's own __str__ would quote it
 
 
 def _layer_indices(state_dict: Mapping[str, torch.Tensor], prefix: str) -> set:
@@ -807,6 +816,8 @@ def model_from_state_dict(state_dict: Dict[str, torch.Tensor], *, device: Union[
 
     Every shape is checked against the architecture the shapes give before any tensor is converted.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"a state dict is a mapping of keys to tensors, not a {type(state_dict).__name__}")
     source = state_dict if consume else dict(state_dict)
     for key in ARCHIVE_SCALAR_KEYS:
         source.pop(key, None)
@@ -854,7 +865,9 @@ def build_model(state_dict: dict) -> CLIP:
     ------
     StateDictError
         When the dict is not a CLIP state dict; the message lists the missing and unexpected keys and the wrong
-        shapes. It is a ``KeyError``, a ``RuntimeError`` and a ``ValueError``, so the ``except`` clauses written for
-        the original's errors catch it.
+        shapes. It is a ``KeyError`` and a ``RuntimeError``, so the ``except`` clauses written for the original's
+        errors catch it.
+    TypeError
+        When ``state_dict`` is not a mapping.
     """
     return model_from_state_dict(state_dict, half=True)

@@ -153,6 +153,8 @@ class SimpleTokenizer:
         list of int
             The ids, without the start and end tokens.
         """
+        if isinstance(text, bytes):  # the original's ftfy raised UnicodeError for bytes
+            raise UnicodeError("encode() takes a str, not bytes: decode it first (text.decode('utf-8'))")
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
         return self._ids(text).tolist()
@@ -182,31 +184,42 @@ class SimpleTokenizer:
 def _rows(texts: TextInput, context_length: int, truncate: bool, ids_of: Callable[[str], "array.array[int]"],
           sot: int, eot: int) -> torch.IntTensor:
     """Each text's ids (an int32 array from ``ids_of``) between ``sot`` and ``eot``, zero-padded to
-    ``context_length``."""
+    ``context_length``.
+
+    In the original's order: every text is encoded, then the result is allocated (so a negative or huge
+    ``context_length`` fails there, with torch's ``RuntimeError``), then each row is checked and filled. The rows
+    are assembled only as wide as the longest row, so nothing but the result grows with ``context_length``.
+    """
     texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts:
-        return torch.zeros(0, context_length, dtype=torch.int32)
-    room = context_length - 2  # the ids that fit between the start and end tokens
-    # The whole batch in one zeroed int32 buffer ("i" is 32-bit on every platform torch supports), each row's ids
-    # copied in as a block: four times faster than filling a list and converting it.
-    rows = array.array("i", bytes(4 * len(texts) * context_length))
-    start = 0
+    all_ids = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"tokenize() takes a str or a list of str; item {i} is a {type(text).__name__}")
-        ids = ids_of(text)
-        n = len(ids)
-        if n > room:
+        all_ids.append(ids_of(text))
+    result = torch.zeros(len(texts), context_length, dtype=torch.int32)
+    room = context_length - 2  # the ids that fit between the start and end tokens
+    for i, ids in enumerate(all_ids):
+        if len(ids) > room:
             if not truncate:
-                raise RuntimeError(_too_long_message(text, i, n + 2, context_length))
-            ids = ids[:room]
-            n = room
-        rows[start] = sot
-        rows[start + 1 : start + 1 + n] = ids
-        rows[start + 1 + n] = eot
-        start += context_length
-    # [len(texts) * context_length] -> [len(texts), context_length]; the clone owns its memory, as any tensor.
-    return torch.frombuffer(rows, dtype=torch.int32).view(len(texts), context_length).clone()
+                raise RuntimeError(_too_long_message(texts[i], i, len(ids) + 2, context_length))
+            if context_length < 1:  # the original's tokens[-1] = eot on an empty row
+                raise IndexError(f"context_length {context_length} leaves no room for the end-of-text token")
+            all_ids[i] = ids[:max(room, 0)]
+    width = min(context_length, max((len(ids) + 2 for ids in all_ids), default=0))
+    if width == 0:
+        return result
+    # The used columns in one zeroed int32 buffer ("i" is 32-bit on every platform torch supports), each row's ids
+    # copied in as a block: four times faster than filling a list and converting it.
+    rows = array.array("i", bytes(4 * len(texts) * width))
+    for start, ids in zip(range(0, len(rows), width), all_ids):
+        n = len(ids)
+        if width > 1:
+            rows[start] = sot
+            rows[start + 1 : start + 1 + n] = ids
+        rows[start + min(n + 1, width - 1)] = eot  # a row of context_length 1 is the end-of-text token alone
+    # [len(texts) * width] -> [len(texts), width], copied into the first columns of the result.
+    result[:, :width] = torch.frombuffer(rows, dtype=torch.int32).view(len(texts), width)
+    return result
 
 
 def _too_long_message(text: str, index: int, n_tokens: int, context_length: int) -> str:
@@ -257,15 +270,12 @@ def tokenize(texts: TextInput, context_length: int = 77, truncate: bool = False,
     Raises
     ------
     RuntimeError
-        A text does not fit and ``truncate`` is False (the original's error type).
+        A text does not fit and ``truncate`` is False (so any text when ``context_length`` is below 2), or
+        ``context_length`` is negative or too large to allocate: the original's error type in each case.
     TypeError
-        An item is not a str.
-    ValueError
-        ``context_length`` is below 2 (no room for the start and end tokens).
+        An item is not a str, or ``context_length`` is not an integer.
     """
     context_length = operator.index(context_length)  # an int, or an integer type such as numpy's
-    if context_length < 2:
-        raise ValueError(f"context_length must be at least 2 (the start and end tokens), got {context_length}")
     if tokenizer is None:
         tokenizer = _default_tokenizer()
     if type(tokenizer).encode is SimpleTokenizer.encode:  # ours, or a subclass that keeps our encode

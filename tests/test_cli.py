@@ -258,13 +258,24 @@ def test_cache_commands_narrow_to_the_model_option(capsys, registry):
     assert code == 1 and "Did you mean 'ViT-B/32'" in err
 
 
-def test_verify_mentions_release_files_never_verified(capsys, registry):
+def test_verify_hashes_release_files_put_there_by_hand(capsys, registry):
+    """A file placed by hand, as the download error tells users to, is hashed against the registry's SHA-256."""
     _, cache, files = registry
     cache.mkdir()
     (cache / "RN50.pt").write_bytes(files["RN50"][1])
     code, out, _ = run(capsys, "verify", "--download-root", cache)
-    assert code == 0
-    assert "never verified" in out and "clip download RN50" in out
+    assert code == 0 and "ok" in out and "RN50.pt" in out and "1 file(s) checked, 0 failed" in out
+    (cache / "RN50.pt").write_bytes(b"not the release")
+    code, out, _ = run(capsys, "verify", "--download-root", cache)
+    assert code == 1 and "FAILED" in out and "corrupt" in out and "1 file(s) checked, 1 failed" in out
+
+
+def test_verify_of_a_folder_it_cannot_list_is_one_error_line(capsys, tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    code, out, err = run(capsys, "verify", "--download-root", loop)
+    assert code == 1 and out == ""
+    assert err.startswith("clip: error: cannot list the cache folder") and err.count("\n") == 1, err
 
 
 def test_verify_empty_cache(capsys, tmp_path):

@@ -385,7 +385,7 @@ def test_404_fails_fast_with_the_url(server, sandbox, sleeps, status):
     server.add_fault(f"/clip/models/{'0' * 64}/missing.pt", "status", status)
     with pytest.raises(DownloadError, match=f"HTTP {status}") as caught:
         _cache.download(url)
-    assert url in str(caught.value)
+    assert url in str(caught.value) and "clip.load(PATH), or --model PATH" in str(caught.value)
     assert len(server.requests) == 1 and sleeps == []
     assert not (sandbox / "missing.pt").exists() and not (sandbox / "missing.pt.partial").exists()
 
@@ -599,8 +599,9 @@ def test_offline_makes_no_request_and_says_what_to_do(server, sandbox, monkeypat
         _cache.download(url)
     message = str(caught.value)
     for part in (f"{variable}=1", "ViT-T-1.pt", "model ViT-T/1", sha(data), str(sandbox / "ViT-T-1.pt"), url,
-                 "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}"):
+                 "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}", "clip.load(PATH)", "--model PATH"):
         assert part in message
+    assert "))" not in message and "download_root" not in message and "CLIP_CACHE_DIR" not in message
     assert server.requests == []
     assert not sandbox.exists()
 
@@ -876,6 +877,15 @@ def plant(kind: str, path: pathlib.Path, victim: pathlib.Path) -> None:
         os.symlink(victim.parent / "folder", path)
     else:  # a link to itself: every stat() of it fails with ELOOP
         os.symlink(path.name, path)
+
+
+def test_a_folder_at_the_file_s_path_fails_before_any_request(server, sandbox):
+    """No file can replace a folder: the original's RuntimeError at once, and nothing fetched."""
+    url, _ = publish(server, payload())
+    (sandbox / "model.pt").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="model.pt is a folder"):
+        _cache.download(url)
+    assert server.requests == [] and (sandbox / "model.pt").is_dir()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX links and pipes")

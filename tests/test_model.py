@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from clip.model import ARCHIVE_SCALAR_KEYS, CLIP, build_model, convert_weights, infer_dims
+from clip.model import ARCHIVE_SCALAR_KEYS, CLIP, StateDictError, build_model, convert_weights, infer_dims
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, release_table
 
 # The release models: name -> (embed, image px, vision layers, vision width, patch, text width, text heads, numbers in
@@ -93,7 +93,7 @@ def test_build_model_skips_random_initialisation(monkeypatch):
 
 
 def test_a_foreign_dict_is_refused_with_its_keys():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(StateDictError) as info:
         build_model({"fc.weight": torch.zeros(2, 2), "conv1.weight": torch.zeros(1, 1, 1, 1)})
     message = str(info.value)
     assert "not a CLIP state dict" in message
@@ -105,7 +105,7 @@ def test_missing_and_unexpected_keys_are_listed():
     state_dict = random_state_dict(TINY_VIT)
     del state_dict["visual.ln_post.bias"]
     state_dict["visual.extra_head.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(StateDictError) as info:
         build_model(state_dict)
     message = str(info.value)
     assert "missing keys (1): visual.ln_post.bias" in message
@@ -115,7 +115,7 @@ def test_missing_and_unexpected_keys_are_listed():
 def test_a_wrong_shape_is_named():
     state_dict = random_state_dict(TINY_VIT)
     state_dict["visual.ln_pre.weight"] = torch.zeros(63)
-    with pytest.raises(ValueError, match=r"shape of visual.ln_pre.weight: expected \(64,\), got \(63,\)"):
+    with pytest.raises(StateDictError, match=r"shape of visual.ln_pre.weight: expected \(64,\), got \(63,\)"):
         build_model(state_dict)
 
 
