@@ -68,8 +68,8 @@ def default_bpe() -> str:
 
 def read_merges(bpe_path: PathLike) -> List[Tuple[str, ...]]:
     """Read the merges of a gzipped vocabulary file: lines 2 .. 1 + N_MERGES, each split on whitespace."""
-    with gzip.open(bpe_path) as f:
-        text = f.read().decode("utf-8")
+    with open(bpe_path, "rb") as f:
+        text = gzip.decompress(f.read()).decode("utf-8")
     lines = text.split("\n", N_MERGES + 1)  # the rest of the file is not split: the merges are all we read
     return list(map(tuple, map(str.split, lines[1 : N_MERGES + 1])))
 
