@@ -24,12 +24,13 @@ turns, call by call, so that a busy machine slows them alike.
 Run ``make_checkpoints.py`` first.
 """
 import argparse
-import importlib.util
+import importlib
 import os
 import random
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -98,9 +99,12 @@ def load_both(model: str, device):
 
 def load_candidate(folder: Path, ours, device):
     """``folder/clip/model.py`` (another version of this package) built on our model's weights."""
-    spec = importlib.util.spec_from_file_location("candidate_clip_model", folder / "clip" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # model.py imports its siblings relatively: it is imported as a module of a package of its own, whose
+    # __init__ is not run.
+    package = types.ModuleType("candidate_clip")
+    package.__path__ = [str(folder / "clip")]
+    sys.modules[package.__name__] = package
+    module = importlib.import_module("candidate_clip.model")
     # Our weights came from a release-dtype archive, so build_model's float16 conversion loses nothing.
     candidate = module.build_model(ours.state_dict()).to(device)
     return (candidate if device.type == "cuda" else candidate.float()).eval()

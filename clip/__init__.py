@@ -1,8 +1,5 @@
-"""A fast, trustworthy drop-in replacement for OpenAI's ``clip`` package.
-
-``import clip; model, preprocess = clip.load("ViT-B/32")`` works as with the original; see ``clip.clip``. The
-original's names are looked up on first use (a module ``__getattr__``), so ``import clip`` and the command line's
-cache commands do not import torch.
+"""The original's top-level names (``load``, ``tokenize``, ``available_models``, looked up in ``clip.clip`` on first
+use) and ``__version__``. It must never import torch at import: ``import clip`` and the cache commands stay cheap.
 """
 import importlib
 from typing import Any, List

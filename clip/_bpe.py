@@ -1,19 +1,13 @@
-"""Byte-pair merging: one word's symbols to its BPE symbols, exactly as the original merges them.
-
-The original repeats one round until no adjacent pair is a merge: take the lowest-ranked adjacent pair and merge
-all its occurrences, left to right, skipping an occurrence that overlaps the one just merged ("a a a" gives
-"aa a"). Each round rescans the word, so a word of n symbols costs up to n rounds of O(n): quadratic. The
-shortest words take a list scan of that algorithm; the others a heap that gives the same symbols in O(n log n).
-The README says what the tokenizer promises; this module is the merge step alone.
+"""Byte-pair merging of one word's symbols: a list scan for short words, a heap for long ones (the original's rounds
+are quadratic in the word's length). It must never give other symbols than the original's merge.
 """
 import heapq
 from typing import Dict, List, Sequence, Set, Tuple
 
 Ranks = Dict[Tuple[str, str], int]
 
-# Words up to this many symbols (UTF-8 bytes) take the list scan, longer ones the heap. Measured on the distinct
-# words of benchmarks/tokenizer.py's prompts and captions: the scan is faster up to 6 bytes (twice as fast at 2-3,
-# where the heap's set-up dominates), the heap from 7 on (20-40% faster at 10-16 bytes, and O(n log n) beyond).
+# Words up to this many symbols (UTF-8 bytes) take the list scan, longer ones the heap: where each is faster
+# (benchmarks/README.md, "Merge: scan or heap").
 SCAN_LIMIT = 6
 # Above any merge rank: the rank of a pair that is not a merge, for the scan's min().
 _NO_MERGE = 1 << 62
@@ -71,32 +65,10 @@ def merge_by_scan(symbols: List[str], ranks: Ranks) -> List[str]:
 def merge_by_heap(symbols: List[str], ranks: Ranks) -> List[str]:
     """The original's rounds with a heap of merge candidates over a linked list: O(n log n).
 
-    Each symbol is a node named by the index where it starts in the input; a merge keeps the left node and drops the
-    right one, so live nodes stay in input order. ``pair_rank[i]`` is the rank of the pair that live node i forms
-    with the next live node (None when that pair is not a merge, when i is the last node, or dead). The heap holds
-    one integer per candidate, ``rank * n + node``: it orders by rank, then by node. A popped candidate is current
-    when ``pair_rank`` of its node still equals its rank: each rank belongs to one pair, so the node's pair is then
-    the pair that was pushed. Other candidates are stale and skipped.
-
-    Why this gives the original's symbols, round by round (a round: one rank, all its occurrences):
-
-    1. At the start of a round every adjacent pair that is a merge has a candidate in the heap (each pair gets one
-       when it forms), so the heap's lowest current rank is the lowest-ranked pair of the word: the pair the
-       original picks. A round whose rank has only stale candidates merges nothing.
-    2. Within the round, candidates of that rank pop in node order, which is word order: left to right, as the
-       original scans. Merging the pair (A, B) at node i kills node i's right neighbour, so an overlapping
-       occurrence that starts there is stale when it pops, as the original skips it ("a a a a" gives "aa aa").
-       Merging creates no new occurrence: the new pairs (x, AB) and (AB, y) would need AB == B or AB == A, but AB is
-       longer than both. So the round merges exactly the occurrences the original's scan merges.
-    3. The pairs a round creates wait in ``created`` and enter the heap when the round ends. Pushed at once, a
-       created pair ranked below the round's would pop before the round's remaining occurrences and could take a
-       symbol one of them needs, where the original merges it only in a later round. CLIP's vocabulary has no such
-       pair (each symbol comes from one merge, ranked below every pair that uses the symbol), but a vocabulary passed
-       in may: "abc" can come from (ab, c) early and from (a, bc) late, and (abc, a) can rank between.
-    4. The heap empties only when no adjacent pair is a merge, where the original stops too.
-
-    Every merge pushes at most two candidates, so there are at most 3n pushes and pops, each O(log n). (Integers
-    rather than tuples of rank and node: a third faster.)
+    Nodes are the input indices; a merge keeps the left node. ``pair_rank[i]`` is the rank of live node i's pair with
+    the next live node (None if none); the heap holds ``rank * n + node``, so a round's occurrences pop left to right,
+    and a popped candidate whose node's rank has changed is stale (an overlap the original skips too). Pairs a round
+    creates enter the heap only when it ends, as the original merges them only in a later round.
     """
     n = len(symbols)
     symbols = list(symbols)  # symbols[i]: the symbol of the live node i (dead nodes keep their last one, unread)

@@ -1,13 +1,7 @@
-"""The download cache: where release files live, how they get there verified, and how they are trusted afterwards.
-
-``download(url)`` returns ``<cache folder>/<file name>`` once its SHA-256 is the one the URL carries. This module
-decides the names (the final file, ``<file>.partial``, ``<file>.lock``, the record ``<file>.sha256.json``), holds
-the lock, verifies the bytes and writes the records; ``clip._http`` only moves bytes. Every file here is opened
-without following links, and anything at one of these names that is not a plain file is never written through.
-The one link the cache reads is one at the final name that leads to a plain file (a shared copy): it is used when
-its bytes verify and replaced, never written through, when they do not. `write_atomically` is the one way files are
-replaced (the command line uses it too). The README describes the cache, its trust model and the environment
-variables.
+"""The download cache: names (final file, ``.partial``, ``.lock``, ``.sha256.json``), the per-file lock,
+verification and verified-once records; ``download(url)`` returns the file once its SHA-256 is the one the URL
+carries, and `write_atomically` replaces files. It never leaves an unverified file at a final name and never writes
+through a link or special file.
 """
 from __future__ import annotations
 
@@ -114,27 +108,25 @@ def sha256_from_url(url: str) -> str:
     candidate = segments[-2].lower() if len(segments) >= 2 else ""
     if not _SHA256_HEX.fullmatch(candidate):
         raise DownloadError(
-            f"cannot tell the expected SHA-256 of {url}: release URLs end in /<64 hex digits>/<file name>; "
-            "pass sha256= to give it"
+            f"cannot tell the expected SHA-256 of {url}: release URLs end in /<64 hex digits>/<file name>"
         )
     return candidate
 
 
-def cached_path(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str] = None) -> Optional[str]:
+def cached_path(url: str, root: Optional[PathLike] = None) -> Optional[str]:
     """Return the path of ``url``'s file if the cache holds it verified by its record, else None.
 
     Only the file's size and modification time (and, for a link, where it leads) are compared with the record:
     nothing is hashed, nothing is written and the network is never used. A file without a record, or that is neither
     a plain file nor a link to one, counts as not verified.
     """
-    expected = _expected_sha256(url, sha256)
+    expected = sha256_from_url(url)
     target = _target(url, root)
     entry = _look(target)
     return target if entry.file is not None and _record_matches(target, expected, entry) else None
 
 
-def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str] = None,
-             mirrors: Sequence[str] = ()) -> str:
+def download(url: str, root: Optional[PathLike] = None) -> str:
     """Return the path of ``url``'s file in the cache, downloading and verifying it first if needed.
 
     Parameters
@@ -143,10 +135,6 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
         The release URL; the file keeps its last path segment as its name.
     root : str or os.PathLike, optional
         The cache folder; see `cache_dir`.
-    sha256 : str, optional
-        The expected SHA-256; by default the URL's second-to-last path segment (see `sha256_from_url`).
-    mirrors : sequence of str
-        Further URLs serving the same bytes, tried after the URL and its automatic mirror.
 
     Returns
     -------
@@ -162,7 +150,7 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
         hashes, the bytes received, the folder and what to do. A wrong file found in the cache is left in place
         until a verified one replaces it; a link there is replaced itself, and what it leads to is never written.
     """
-    expected = _expected_sha256(url, sha256)
+    expected = sha256_from_url(url)
     target = _target(url, root)
     seen = _inspect(target, expected)
     if seen.ok:
@@ -175,7 +163,7 @@ def download(url: str, root: Optional[PathLike] = None, *, sha256: Optional[str]
     label = _describe(url, target)
     try:
         offline = _http.offline_variable()
-        sources = _http.download_sources(url, mirrors)
+        sources = _http.download_sources(url)
         if offline is None:
             settings, opener = _http.Settings.from_environment(), _http.make_opener()
     except _http.SettingError as error:
@@ -273,14 +261,6 @@ def write_atomically(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Names and messages
-
-
-def _expected_sha256(url: str, sha256: Optional[str]) -> str:
-    if sha256 is None:
-        return sha256_from_url(url)
-    if not _SHA256_HEX.fullmatch(sha256.strip().lower()):
-        raise DownloadError(f"sha256={sha256!r} for {url} is not 64 hexadecimal digits")
-    return sha256.strip().lower()
 
 
 def _target(url: str, root: Optional[PathLike]) -> str:

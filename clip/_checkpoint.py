@@ -1,10 +1,6 @@
-"""The bottom layer of loading: one checkpoint file to a flat ``{key: tensor}`` dict, as stored, on the CPU.
-
-:func:`read_file` picks the reader by the file's first bytes: safetensors, a zip checkpoint (a release TorchScript
-archive or a ``torch.save`` file, read by a restricted unpickler that can only describe tensors), or
-``torch.load(weights_only=True)`` for the rest. Every size, stride and offset a file claims is checked against the
-bytes it really holds before anything is mapped or inflated, so a small hostile file costs little time and memory.
-Key layouts (Hugging Face, open_clip) and folders are ``_layouts``' job; see the README for the formats.
+"""One checkpoint file to a flat ``{key: tensor}`` dict on the CPU, as stored: safetensors, zip checkpoints through a
+restricted unpickler, ``torch.load(weights_only=True)`` for the rest. It never runs code from a file, and never maps
+or inflates anything before checking the sizes, strides and offsets the file claims against the bytes it holds.
 """
 import errno
 import io
@@ -21,7 +17,7 @@ from typing import Any, BinaryIO, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["CheckpointError", "format_keys", "is_safetensors", "is_torchscript_archive", "read_file"]
+__all__ = ["CheckpointError", "format_keys", "is_torchscript_archive", "read_file"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -165,16 +161,6 @@ def _claimed_header_length(path: str) -> Optional[int]:
     (length,) = _SAFETENSORS_HEADER_LENGTH.unpack(head[:_SAFETENSORS_HEADER_LENGTH.size])
     # "{}" is the shortest header; a zip or pickle file's first 8 bytes read as an absurd length.
     return length if 2 <= length <= _SAFETENSORS_MAX_HEADER else None
-
-
-def is_safetensors(path: str) -> bool:
-    """Whether ``path`` is a safetensors file whose header fits in it, judged by its first bytes alone."""
-    try:
-        size = os.path.getsize(path)
-        length = _claimed_header_length(path)
-    except OSError:
-        return False
-    return length is not None and length <= size - _SAFETENSORS_HEADER_LENGTH.size
 
 
 def read_safetensors(path: str) -> StateDict:

@@ -1,10 +1,5 @@
-"""The original's text cleaning before a text is split into words, and the proof of when it can be skipped.
-
-The original runs ``ftfy.fix_text``, HTML-unescapes twice, strips, collapses whitespace runs (``regex``'s ``\\s``)
-to one space and lower-cases. Text that ``ftfy`` and ``html.unescape`` provably leave unchanged skips them: printable
-ASCII without ``&`` (tabs, newlines and form feeds allowed), and one line of other text that holds no character any
-of ftfy 6's fixes rewrites, is in NFC and does not look like mojibake to ftfy (``tests/test_tokenizer.py`` pins both
-down). The README says what the tokenizer promises.
+"""The original's text cleaning (ftfy, HTML unescaping twice, whitespace, lower case), skipping ftfy and unescaping
+where they provably change nothing. It must never give a cleaned text other than the original's.
 """
 import functools
 import html

@@ -1,8 +1,6 @@
-"""The ``clip`` command line: the argument parser, the entry point, and the commands that run no model (``models``,
-``download``, ``verify``, ``merge``).
-
-Those commands and ``--help`` never import torch: they start in a fraction of a second. ``classify`` and ``embed``
-live in ``clip._embed``, imported when one of them runs. See the README's "Command line" section for the commands.
+"""The ``clip`` command line: the parser, the entry point, and the commands that run no model (``models``,
+``download``, ``verify``, ``merge``). Those commands and ``--help`` must never import torch; ``classify`` and
+``embed`` live in ``clip._embed``, imported when one of them runs.
 """
 import argparse
 import os
@@ -17,6 +15,8 @@ from ._console import CLIError, printable, warn
 __all__ = ["main", "build_parser"]
 
 DEFAULT_MODEL = "ViT-B/32"
+# The registry the cache commands read, looked up at call time: tests point it at files served on 127.0.0.1.
+RELEASES = _registry.MODELS
 
 # ----------------------------------------------------------------------------------------------------------------
 # The parser
@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = command("merge", _cmd_merge, "join the shards of a sharded 'clip embed' run",
                     "Join OUTPUT.shard-I-of-N.npy/.txt, I = 0..N-1, into OUTPUT (.npy) and its .txt list, in\n"
-                    "shard order, which is the order of the inputs. Fails if a shard is missing.")
+                    "shard order, which is the order of the inputs. Fails if a shard is missing. Outputs that\n"
+                    "exist already are kept, and the merge skipped, unless --overwrite is given.")
     merge.add_argument("output", metavar="OUTPUT", help="the --output the 'clip embed' shards were given")
+    merge.add_argument("--overwrite", action="store_true", help="merge again into outputs that already exist")
     return parser
 
 
@@ -228,25 +230,12 @@ def _show_warning(message: Warning, category: type, filename: str, lineno: int, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# clip models, download, verify: the registry as clients left it, without importing torch
-
-
-def _models() -> dict:
-    """The registry, read now: ``clip.clip._MODELS`` if ``clip.clip`` is loaded (clients replace it), else the table
-    it starts as (importing ``clip.clip`` would import torch)."""
-    loaded = sys.modules.get("clip.clip")
-    return loaded._MODELS if loaded is not None else _registry.MODELS
-
-
-def _download(url: str, folder: str) -> str:
-    """``clip.clip._download`` if ``clip.clip`` is loaded (clients and tests replace it), else the cache's own."""
-    loaded = sys.modules.get("clip.clip")
-    return loaded._download(url, folder) if loaded is not None else _cache.download(url, folder)
+# clip models, download, verify: the registry, without importing torch
 
 
 def _release_files() -> List[Tuple[str, str, str]]:
     """(name, url, file name) of every entry of the registry."""
-    return [(name, url, _registry.file_name(url)) for name, url in _models().items()]
+    return [(name, url, _registry.file_name(url)) for name, url in RELEASES.items()]
 
 
 def _format_size(size: Optional[float]) -> str:
@@ -271,10 +260,9 @@ def _cache_status(url: str, path: str, root: Optional[str]) -> str:
 
 def _release_or_error(name: str) -> str:
     """The registry name for ``name`` (any spelling ``load`` accepts), or load()'s unknown-name error."""
-    models = _models()
-    if name in models:
+    if name in RELEASES:
         return name
-    release = _registry.release_name(name, models)  # load()'s other spellings: any case, the file's
+    release = _registry.release_name(name, RELEASES)  # load()'s other spellings: any case, the file's
     if release is None:
         from . import clip as clip_module  # only on this error path: the same message, with suggestions, as load()
 
@@ -308,14 +296,13 @@ def _cmd_download(args: argparse.Namespace) -> int:
     names = args.names + ([args.model] if args.model else [])
     if not names and not args.all:
         args.parser.error("name the models to download (see 'clip models'), or pass --all")
-    models = _models()
-    releases = list(models) if args.all else [_release_or_error(name) for name in names]
+    releases = list(RELEASES) if args.all else [_release_or_error(name) for name in names]
 
     folder = _cache.cache_dir(args.download_root)
     failed = 0
     for release in dict.fromkeys(releases):
         try:
-            path = _download(models[release], folder)
+            path = _cache.download(RELEASES[release], folder)
         except (RuntimeError, OSError) as error:
             print(f"clip: error: {release}: {printable(str(error), keep_newlines=True)}", file=sys.stderr)
             failed += 1
@@ -359,6 +346,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    features_path, list_path = _outputs.output_paths(args.output, None)
+    if _outputs.prepare_outputs(features_path, list_path, overwrite=args.overwrite, sharded=False):
+        print(f"{printable(features_path)} already exists; skipping (pass --overwrite to merge again)",
+              file=sys.stderr)
+        return 0
     count, rows, features_path, list_path = _outputs.merge(args.output)
     print(f"{count} shards, {rows} rows merged into {printable(features_path)} and {printable(list_path)}",
           file=sys.stderr)

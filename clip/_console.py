@@ -1,7 +1,5 @@
-"""What the ``clip`` command shows a person on a terminal: the user-error type, warnings, safe names, progress bars.
-
-The bottom layer of the command line (``_outputs``, ``_embed`` and ``_cli`` import it; it imports none of them).
-Nothing here imports torch. See the README's "Command line" section for what users see.
+"""What the ``clip`` command shows a person: the ``clip: error:`` type, warning lines, names escaped for the terminal,
+progress bars. It imports no other part of the command line and never imports torch.
 """
 import re
 import sys

@@ -1,9 +1,6 @@
-"""The commands that run a model: ``clip classify`` and ``clip embed``, with the image listing and the image dataset
-they share.
-
-Images are decoded and preprocessed by worker processes while the model runs on earlier batches; the model's output
-is exactly ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised (``--precision bf16``: the same under CPU
-autocast to bfloat16). See the README's "Command line" section.
+"""The commands that run a model, ``clip classify`` and ``clip embed``: image listing and the worker-decoded image
+dataset. Their features must never differ from ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised
+(with ``--precision bf16``, the same under CPU autocast to bfloat16).
 """
 import argparse
 import contextlib

@@ -1,9 +1,6 @@
-"""The network side of downloads: which URLs to try, and one transfer with retries, resume, proxies and TLS.
-
-A transport only: it appends a response body to the file it is handed and updates the hash it is given (a `Sink`),
-and raises `TransferError` when a source will not give the file. It knows nothing of the cache: file names, the
-expected hash, verification and records are decided by ``clip._cache``. Every setting comes from the environment
-and is checked when read (`Settings.from_environment`); the variables are listed in the README.
+"""The download transport: which URLs to try, and one transfer with retries, ``Range`` resume, proxies, CA bundles, a
+size bound and a minimum rate, into a file and a hash it is handed (a `Sink`). It knows nothing of the cache: it
+never chooses file names, checks a hash or writes records.
 """
 from __future__ import annotations
 
@@ -19,14 +16,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import BinaryIO, Callable, List, Optional, Sequence
+from typing import BinaryIO, Callable, List, Optional
 
 from tqdm import tqdm
 
 from . import _registry
 
 __all__ = ["RangeNotSatisfiable", "SettingError", "Settings", "Sink", "TransferError", "download_sources", "fetch",
-           "is_offline", "make_opener", "offline_variable"]
+           "make_opener", "offline_variable"]
 
 CHUNK_SIZE = 1 << 20  # 1 MiB per read and hash step: per-call overhead vanishes, memory stays flat
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte before a connection counts as stuck rather than slow
@@ -97,11 +94,6 @@ def offline_variable() -> Optional[str]:
     return None
 
 
-def is_offline() -> bool:
-    """Whether ``CLIP_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1, true, yes or on (any case)."""
-    return offline_variable() is not None
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How transfers behave, each value read from its environment variable (see the README)."""
@@ -139,15 +131,13 @@ def _number(variable: str, default: float, kind: Callable, minimum: float, maxim
     return value
 
 
-def download_sources(url: str, mirrors: Sequence[str] = ()) -> List[str]:
+def download_sources(url: str) -> List[str]:
     """Return the URLs to try for ``url``, in order, without repeats.
 
     ``$CLIP_DOWNLOAD_BASE/<file name>`` first when that variable is set, then the URL, then the release CDN's
-    storage origin for URLs on the CDN, then ``mirrors``. Raises `SettingError` for a base that is not an
+    storage origin for URLs on the CDN. Raises `SettingError` for a base that is not an
     ``http://``, ``https://`` or ``file://`` URL.
     """
-    if isinstance(mirrors, str):  # one URL passed bare would otherwise be read as a list of characters
-        mirrors = [mirrors]
     sources = []
     base = os.environ.get("CLIP_DOWNLOAD_BASE", "").strip()
     if base:
@@ -158,7 +148,6 @@ def download_sources(url: str, mirrors: Sequence[str] = ()) -> List[str]:
     sources.append(url)
     if url.startswith(RELEASE_CDN):
         sources.append(RELEASE_ORIGIN + url[len(RELEASE_CDN):])
-    sources.extend(mirrors)
     return list(dict.fromkeys(sources))
 
 

@@ -1,9 +1,6 @@
-"""Other layouts to ours: Hugging Face ``transformers`` and open_clip checkpoints (folders and files), mapped onto
-the release's key names, with their configurations checked against what ``clip.model.CLIP`` computes and against
-their own weights.
-
-:func:`read_state_dict` is the entry ``clip.load`` uses: a folder is read here, a file by ``_checkpoint.read_file``,
-and either is then mapped by :func:`to_openai_layout`. See the README for the formats accepted and refused.
+"""Folders and other key layouts (Hugging Face ``transformers``, open_clip) mapped onto the release keys by
+:func:`read_state_dict`, their configs checked against their weights. It must never accept a model that
+``clip.model.CLIP`` does not compute exactly.
 """
 import dataclasses
 import json

@@ -1,8 +1,5 @@
-"""The files ``clip embed`` writes and ``clip merge`` joins: their names, the row-list format, the checks made before
-any work, atomic saves, and the merge itself.
-
-Imports numpy (inside functions) but not torch, so ``clip merge`` starts fast. The row-list format and the shard
-names are described in the README ("embed", "Sharded runs on a cluster").
+"""The files ``clip embed`` writes and ``clip merge`` joins: names, the row-list format, the checks before any work,
+atomic saves, the merge. It never imports torch (numpy only inside functions), so ``clip merge`` starts fast.
 """
 import contextlib
 import errno
@@ -198,7 +195,10 @@ def _load_features(path: str) -> Any:
 
 
 def merge(output: str) -> Tuple[int, int, str, str]:
-    """Join the shards of ``output`` into its unsharded files: (shards, rows, features path, list path)."""
+    """Join the shards of ``output`` into its unsharded files: (shards, rows, features path, list path).
+
+    The caller has checked the outputs with `prepare_outputs`; existing ones are replaced.
+    """
     import numpy as np
 
     stem = output_stem(output)
@@ -221,6 +221,7 @@ def merge(output: str) -> Tuple[int, int, str, str]:
         features.append(shard_features)
         rows += shard_rows
     features_path, list_path = output_paths(output, None)
-    prepare_outputs(features_path, list_path, overwrite=True, sharded=False)
+    if os.path.exists(features_path):
+        os.remove(features_path)  # not finished again until the new files are both in place
     save_outputs(features_path, list_path, np.concatenate(features), rows)
     return count, len(rows), features_path, list_path

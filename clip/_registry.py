@@ -1,7 +1,5 @@
-"""The release registry: each model's name, URL and approximate size. Imports nothing heavy (no torch).
-
-``clip.clip._MODELS`` is this table (clients read and replace it there, so ``load`` looks it up there at call time);
-the command line lists it without importing torch.
+"""The release table (name, URL with its SHA-256, approximate size), the other spellings of a release name, and the
+file name of a URL. It must never import torch: the command line lists models without it.
 """
 import posixpath
 import urllib.parse

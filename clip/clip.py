@@ -1,8 +1,5 @@
-"""The original's entry points: the model registry, downloading, ``load``, ``tokenize`` and preprocessing.
-
-``load`` reads top to bottom: resolve the device, find the checkpoint file (downloading a release if needed),
-then either the TorchScript path (``_jit``) or the plain path: read the state dict (``_checkpoint``) and build
-the model straight into its final device and dtype (``model``).
+"""The original's entry points: ``_MODELS``, ``available_models``, ``load``, ``_download``, ``tokenize`` and
+``_transform``. ``load`` must never hash a verified cached file nor use TorchScript unless ``jit=True``.
 """
 import difflib
 import os

@@ -1,7 +1,5 @@
-"""The CLIP modules, with the release checkpoints' names and layouts, and ``build_model``.
-
-Attribute names are the checkpoint schema: every parameter and buffer name here is a key of the release state
-dicts, so hooks, fine-tuning code and saved checkpoints interoperate with the original package.
+"""The CLIP modules, ``build_model`` and ``convert_weights``. Attribute names are the release checkpoints' keys, and
+must never change: hooks, fine-tuning code and saved checkpoints rely on them.
 """
 import dataclasses
 import math
@@ -386,14 +384,9 @@ class CLIP(nn.Module):
 
         Notes
         -----
-        Under the causal mask no position sees a later one, so a row's features depend only on its positions up to
-        its end-of-text token. When the model can prove that it computes exactly the causal text transformer and
-        that nothing observes the shapes (see ``_trims_text``), rows with nearby end-of-text positions run
-        together, each group only as far as its own longest row: a batch costs about the sum of its rows'
-        lengths instead of ``N x context_length``, with the same features in the same order. Otherwise all
-        ``context_length`` positions run, as in the original; ``trim_text = False`` asks for that always.
-        Trimming reads the end-of-text positions on the host once per call (one stream sync on CUDA); the full
-        computation reads nothing.
+        Under the causal mask a row's features depend only on its positions up to its end of text, so when
+        ``_trims_text`` proves it computes the same features, rows run in groups, each only as far as its longest
+        row (the README's "The text fast path"). Otherwise, or with ``trim_text = False``, all positions run.
 
         Raises
         ------
@@ -599,12 +592,9 @@ def _runs_eagerly(x: torch.Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-# What running one more group costs beyond its rows' positions, in row-positions (one row run one position further).
-# CPU: each group reads all the text weights once more (ViT-B/32: 150 MB in float32) and runs smaller matrix
-# products. Measured on ViT-B/32, 2 threads, 64 captions of 6-12 tokens: one group 361 ms, the groups chosen with a
-# cost of 24 (three) 311 ms, with 64 (two) 308 ms; 64 leaves room for machines where products of few rows lose
-# more. CUDA: launching a group's ~250 kernels takes about as long as thousands of positions compute (not measured;
-# a large value, so that a GPU splits a batch only to save much).
+# What running one more group costs beyond its rows' positions, in row-positions (one row run one position further):
+# on the CPU each group reads all the text weights once more (measured: benchmarks/README.md, "Text groups: the cost
+# of one more"); on CUDA, launching a group's kernels takes as long as thousands of positions compute (an estimate).
 _GROUP_OVERHEAD = {"cpu": 64, "cuda": 4096}
 
 

@@ -1,12 +1,6 @@
-"""CLIP's tokenizer, the original's public module: ``SimpleTokenizer`` and ``tokenize``, with the original's exact ids.
-
-The pipeline is the one OpenAI's CLIP runs, step for step, in three private modules below this one: cleaning
-(``_cleaning``: ftfy, HTML, whitespace, lower case, skipped where provably a no-op), byte-pair merging (``_bpe``) and
-the vocabulary (``_vocab``). This module splits cleaned text into words, maps each word's UTF-8 bytes to printable
-characters, merges and looks the symbols up; it caches the ids of each space-separated piece and of each word, in
-bounded caches, and fills a batch's tensor from one int32 buffer. The README says what it promises.
-
-Nothing happens at import: the vocabulary is parsed when the first tokenizer is built.
+"""The original's tokenizer module: ``SimpleTokenizer`` and ``tokenize``, built on ``_cleaning``, ``_bpe`` and
+``_vocab``, with caches of pieces and words. It must never give other ids than the original's, and never does work
+at import.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import clip
 import clip.clip
-from clip import _cache
+from clip import _cache, _cli
 from clip._cli import main
 from checkpoints import TINY_VIT, random_state_dict, save_state_dict
 from httpserver import LocalServer
@@ -133,7 +133,7 @@ def registry(monkeypatch, tmp_path, local_network):
             path = f"/clip/models/{hashlib.sha256(data).hexdigest()}/{file_name}"
             server.files[path] = data
             models[name] = server.url(path)
-        monkeypatch.setattr(clip.clip, "_MODELS", models)
+        monkeypatch.setattr(_cli, "RELEASES", models)
         yield server, tmp_path / "cache", files
 
 
@@ -184,7 +184,7 @@ def test_download_all(capsys, registry):
     assert code == 0
     for name, data in files.values():
         assert (cache / name).read_bytes() == data
-        assert _cache.cached_path(clip.clip._MODELS["RN50" if name == "RN50.pt" else "ViT-B/32"], cache)
+        assert _cache.cached_path(_cli.RELEASES["RN50" if name == "RN50.pt" else "ViT-B/32"], cache)
 
 
 def test_download_unknown_name_suggests_close_ones(capsys, registry):
@@ -521,6 +521,25 @@ def test_embed_existing_output_is_kept_unless_overwrite(capsys, checkpoint, fold
     assert len(np.load(output)) == 5
     assert _embed(capsys, checkpoint, folder, output, "--overwrite")[0] == 0
     assert len(np.load(output)) == 6
+
+
+def test_merge_keeps_existing_outputs_unless_overwrite(capsys, tmp_path):
+    for index, rows in enumerate([["a"], ["b", "c"]]):
+        np.save(tmp_path / f"m.shard-{index}-of-2.npy", np.full((len(rows), 4), index, np.float32))
+        (tmp_path / f"m.shard-{index}-of-2.txt").write_text("".join(r + "\n" for r in rows))
+    assert run(capsys, "merge", tmp_path / "m.npy")[0] == 0
+    np.save(tmp_path / "m.shard-0-of-2.npy", np.full((1, 4), 7, np.float32))  # a shard redone since
+    code, _, err = run(capsys, "merge", tmp_path / "m.npy")
+    assert code == 0 and "already exists; skipping (pass --overwrite" in err
+    assert np.load(tmp_path / "m.npy")[0, 0] == 0
+    assert run(capsys, "merge", tmp_path / "m.npy", "--overwrite")[0] == 0
+    assert np.load(tmp_path / "m.npy")[:, 0].tolist() == [7, 1, 1]
+
+    (tmp_path / "m.npy").unlink()  # the row list alone is not the output of a finished merge: never replaced
+    (tmp_path / "m.txt").write_text("my rows\n")
+    code, _, err = run(capsys, "merge", tmp_path / "m.npy")
+    assert code == 1 and err.startswith(f"clip: error: {tmp_path / 'm.txt'} exists but") and "--overwrite" in err
+    assert (tmp_path / "m.txt").read_text() == "my rows\n" and not (tmp_path / "m.npy").exists()
 
 
 def test_merge_missing_shard(capsys, checkpoint, folder, tmp_path):

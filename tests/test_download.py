@@ -135,16 +135,16 @@ def test_sha256_from_url():
     assert _cache.sha256_from_url(f"https://host/clip/models/{digest}/RN50.pt") == digest
     assert _cache.sha256_from_url(f"https://host/{digest.upper()}/RN50.pt") == digest
     for bad in ("https://host/clip/RN50.pt", f"https://host/{digest[:-1]}/RN50.pt", "RN50.pt"):
-        with pytest.raises(DownloadError, match="sha256="):
+        with pytest.raises(DownloadError, match="cannot tell the expected SHA-256"):
             _cache.sha256_from_url(bad)
 
 
 @pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("YES", True), (" on ", True),
                                             ("0", False), ("", False), ("false", False), ("off", False)])
 @pytest.mark.parametrize("variable", ["CLIP_OFFLINE", "HF_HUB_OFFLINE"])
-def test_is_offline(monkeypatch, variable, value, offline):
+def test_offline_variable(monkeypatch, variable, value, offline):
     monkeypatch.setenv(variable, value)
-    assert _http.is_offline() is offline
+    assert _http.offline_variable() == (variable if offline else None)
 
 
 def test_sources_in_order_without_fetching(monkeypatch):
@@ -152,8 +152,6 @@ def test_sources_in_order_without_fetching(monkeypatch):
     release = f"https://openaipublic.azureedge.net/clip/models/{digest}/ViT-B-32.pt"
     origin = f"https://openaipublic.blob.core.windows.net/clip/models/{digest}/ViT-B-32.pt"
     assert _http.download_sources(release) == [release, origin]
-    assert _http.download_sources(release, ["http://m/x", release]) == [release, origin, "http://m/x"]
-    assert _http.download_sources(release, "http://m/x")[-1] == "http://m/x"  # one URL passed bare
     monkeypatch.setenv("CLIP_DOWNLOAD_BASE", "file:///srv/clip/")
     assert _http.download_sources(release) == ["file:///srv/clip/ViT-B-32.pt", release, origin]
     other = f"http://127.0.0.1:1/{digest}/ViT-B-32.pt"
@@ -265,17 +263,14 @@ def test_verify_cache_rehashes_every_recorded_file(server, sandbox):
     assert _cache.verify_cache(sandbox / "nowhere") == []
 
 
-def test_explicit_sha256_for_a_url_without_hash(server):
-    data = payload()
-    server.files["/vocab/bpe.txt.gz"] = data
+def test_a_url_without_hash_is_refused_before_any_request(server, sandbox):
+    server.files["/vocab/bpe.txt.gz"] = payload()
     url = server.url("/vocab/bpe.txt.gz")
-    with pytest.raises(DownloadError, match="pass sha256="):
-        _cache.download(url)
-    with pytest.raises(DownloadError, match="not 64 hexadecimal"):
-        _cache.download(url, sha256="abc")
-    target = _cache.download(url, sha256=sha(data).upper())
-    assert pathlib.Path(target).read_bytes() == data
-    assert _cache.cached_path(url, sha256=sha(data)) == target
+    for call in (_cache.download, _cache.cached_path):
+        with pytest.raises(DownloadError, match="cannot tell the expected SHA-256 of .*64 hex digits"):
+            call(url)
+    assert server.requests == []
+    assert not sandbox.exists()
 
 
 def test_one_argument_download_uses_clip_cache_dir(server, monkeypatch, tmp_path):
@@ -500,32 +495,33 @@ def test_empty_file(server):
     assert _cache.download(url) == _cache.cached_path(url)
 
 
-def test_mirror_is_used_when_the_first_source_fails(server, sleeps):
+def test_next_source_is_used_when_the_first_fails(server, sleeps, monkeypatch):
     data = payload()
-    mirror, mirror_path = publish(server, data, prefix="/mirror")
-    broken = server.url(f"/clip/models/{sha(data)}/model.pt")  # 404 here
-    assert pathlib.Path(_cache.download(broken, mirrors=[mirror])).read_bytes() == data
-    assert [requested for _, requested, _ in server.requests] == [broken.split(str(server.port))[1], mirror_path]
+    url, path = publish(server, data)
+    monkeypatch.setenv("CLIP_DOWNLOAD_BASE", server.url("/empty/"))  # tried first; 404 here
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert [requested for _, requested, _ in server.requests] == ["/empty/model.pt", path]
     assert sleeps == []
 
 
-def test_mirror_is_used_when_the_first_host_refuses_connections(server, sandbox, sleeps):
+def test_next_source_is_used_when_the_first_host_refuses_connections(server, sandbox, sleeps, monkeypatch):
     data = payload()
-    mirror, _ = publish(server, data)
+    url, _ = publish(server, data)
     with socket.socket() as unused:  # a port nobody listens on
         unused.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{unused.getsockname()[1]}/{sha(data)}/model.pt"
-    assert pathlib.Path(_cache.download(dead, mirrors=[mirror])).read_bytes() == data
+        monkeypatch.setenv("CLIP_DOWNLOAD_BASE", f"http://127.0.0.1:{unused.getsockname()[1]}/")
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert len(sleeps) == RETRIES  # connection errors are retried before moving on
 
 
-def test_all_sources_failing_names_each(server, sandbox):
+def test_all_sources_failing_names_each(server, sandbox, monkeypatch):
     data = payload()
-    first = server.url(f"/a/{sha(data)}/model.pt")
+    monkeypatch.setenv("CLIP_DOWNLOAD_BASE", server.url("/a/"))
+    first = server.url("/a/model.pt")
     second = server.url(f"/b/{sha(data)}/model.pt")
     server.files[f"/b/{sha(data)}/model.pt"] = b"not the model"
     with pytest.raises(DownloadError) as caught:
-        _cache.download(first, mirrors=[second])
+        _cache.download(second)
     message = str(caught.value)
     assert f"{first}: HTTP 404" in message
     assert f"{second}: SHA-256 mismatch: expected {sha(data)}, got {sha(b'not the model')}" in message
@@ -600,8 +596,9 @@ def test_offline_makes_no_request_and_says_what_to_do(server, sandbox, monkeypat
     url, _ = publish(server, data, "ViT-T-1.pt")
     monkeypatch.setitem(clip.clip._MODELS, "ViT-T/1", url)
     monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("CLIP_DOWNLOAD_BASE", "http://127.0.0.1:1/m/")
     with pytest.raises(DownloadError) as caught:
-        _cache.download(url, mirrors=["http://127.0.0.1:1/m/ViT-T-1.pt"])
+        _cache.download(url)
     message = str(caught.value)
     for part in (f"{variable}=1", "ViT-T-1.pt", "model ViT-T/1", sha(data), str(sandbox / "ViT-T-1.pt"), url,
                  "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}", "clip.load(PATH)", "--model PATH"):
@@ -1334,10 +1331,10 @@ def test_every_setting_is_checked_when_read(server, monkeypatch, variable, value
 
 def test_offline_switch_values(monkeypatch):
     monkeypatch.setenv("CLIP_OFFLINE", "no")
-    assert _http.is_offline() is False
+    assert _http.offline_variable() is None
     monkeypatch.setenv("CLIP_OFFLINE", "maybe")
     with pytest.raises(_http.SettingError, match="CLIP_OFFLINE='maybe'"):
-        _http.is_offline()
+        _http.offline_variable()
 
 
 def test_default_cache_is_the_originals_whatever_xdg_says(server, monkeypatch, tmp_path):

@@ -79,20 +79,31 @@ def release_safetensors(tmp_path) -> str:
     return path
 
 
-def test_is_safetensors_recognises_saved_files(release_safetensors, tmp_path):
+def _taken_for_safetensors(path, monkeypatch) -> bool:
+    """Whether ``read_file`` hands ``path`` to the safetensors reader (stubbed here, so nothing is read)."""
+    taken = []
+    monkeypatch.setattr(_checkpoint, "read_safetensors", lambda p: taken.append(p) or {})
+    try:
+        _checkpoint.read_file(str(path))
+    except (OSError, CheckpointError):
+        pass  # refused by another check, or by the stub's empty result: only the reader's choice matters here
+    return bool(taken)
+
+
+def test_safetensors_files_are_recognised(release_safetensors, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    assert _checkpoint.is_safetensors(release_safetensors)
+    assert _taken_for_safetensors(release_safetensors, monkeypatch)
     saved = tmp_path / "x.safetensors"
     save_file({"a": torch.zeros(3)}, str(saved))
-    assert _checkpoint.is_safetensors(str(saved))
+    assert _taken_for_safetensors(str(saved), monkeypatch)
     empty = tmp_path / "empty.safetensors"
     save_file({}, str(empty))
-    assert _checkpoint.is_safetensors(str(empty))
+    assert _taken_for_safetensors(str(empty), monkeypatch)
 
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "empty", "short", "overlong", "not-json", "missing", "folder"])
-def test_is_safetensors_rejects_other_files(tmp_path, kind):
+def test_other_files_are_not_taken_for_safetensors(tmp_path, kind, monkeypatch):
     path = tmp_path / "f"
     if kind == "zip":
         torch.save({"a": torch.zeros(3)}, str(path))
@@ -108,7 +119,7 @@ def test_is_safetensors_rejects_other_files(tmp_path, kind):
         _write(path, (4).to_bytes(8, "little") + b"abcd")
     elif kind == "folder":
         path.mkdir()
-    assert not _checkpoint.is_safetensors(str(path))
+    assert not _taken_for_safetensors(str(path), monkeypatch)
 
 
 @pytest.mark.parametrize("dims", [TINY_VIT, TINY_RN], ids=["vit", "rn"])
@@ -126,10 +137,11 @@ def test_release_shaped_safetensors_file_matches_the_state_dict(tmp_path, dims):
         assert_relative_close(model.encode_text(TEXT), reference.encode_text(TEXT))
 
 
-def test_truncated_safetensors_file_names_the_fix(tmp_path, release_safetensors):
+def test_truncated_safetensors_file_names_the_fix(tmp_path, release_safetensors, monkeypatch):
     data = pathlib.Path(release_safetensors).read_bytes()
     path = _write(tmp_path / "cut.safetensors", data[: len(data) // 2])
-    assert _checkpoint.is_safetensors(path)
+    with monkeypatch.context() as stubbed:
+        assert _taken_for_safetensors(path, stubbed)
     with pytest.raises(CheckpointError, match="truncated: delete it and fetch it again"):
         read_state_dict(path)
 

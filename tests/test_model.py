@@ -5,8 +5,8 @@ import torch
 from clip.model import ARCHIVE_SCALAR_KEYS, CLIP, StateDictError, build_model, convert_weights, infer_dims
 from checkpoints import TINY_RN, TINY_VIT, random_state_dict, release_table
 
-# Facts §1: name -> (embed, image px, vision layers, vision width, patch, text width, text heads, numbers in the
-# state dict).
+# The release models: name -> (embed, image px, vision layers, vision width, patch, text width, text heads, numbers in
+# the state dict, as tests/data/state-dicts lists it).
 RELEASES = {
     "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 512, 8, 102_060_440),
     "RN101": (512, 224, (3, 4, 23, 3), 64, None, 512, 8, 119_793_611),
@@ -38,7 +38,7 @@ def test_release_architectures(name):
             dims.vision_patch_size) == (embed, px, layers, width, patch)
     assert (dims.transformer_width, dims.transformer_heads, dims.transformer_layers) == (text_width, text_heads, 12)
     assert (dims.context_length, dims.vocab_size) == (77, 49408)
-    # The facts table counts every tensor of the state dict (BatchNorm statistics included).
+    # The release tables count every tensor of the state dict (BatchNorm statistics included).
     assert sum(t.numel() for t in model.state_dict().values()) == params
     assert model.visual.input_resolution == px
     assert model.visual.output_dim == embed
@@ -119,13 +119,16 @@ def test_a_wrong_shape_is_named():
         build_model(state_dict)
 
 
-def test_convert_weights_matches_the_release_dtype_set():
-    model = CLIP(**vars(TINY_RN))
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_convert_weights_matches_the_release_dtype_set(name):
+    with torch.device("meta"):  # the release's architecture, without its memory
+        model = CLIP(**vars(infer_dims(release_meta_state_dict(name))))
     convert_weights(model)
     half = {k for k, v in model.state_dict().items() if v.dtype == torch.float16}
-    release_half = {k for k, v in random_state_dict(TINY_RN).items() if v.dtype == torch.float16}
+    release_half = {k for k, (_, dtype) in release_table(name).items() if dtype == "float16"}
     assert half == release_half
-    assert "visual.attnpool.q_proj.weight" in half and "visual.attnpool.positional_embedding" not in half
+    if name.startswith("RN"):
+        assert "visual.attnpool.q_proj.weight" in half and "visual.attnpool.positional_embedding" not in half
 
 
 def _float_model(dims=TINY_VIT):

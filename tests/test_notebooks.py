@@ -2,8 +2,7 @@
 
 The kernel is declared here, in a temporary Jupyter data folder, with this interpreter's absolute path: whatever
 kernels the machine has registered, the notebook runs on the Python (and the packages) that runs the tests. The
-kernel imports ``clip`` from this checkout and finds the tokenizer's vocabulary through ``CLIP_CACHE_DIR``, which
-the test session set (conftest); it needs no network.
+kernel imports ``clip`` from this checkout, whose package holds the tokenizer's vocabulary; it needs no network.
 """
 import json
 import os
