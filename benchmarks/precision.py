@@ -29,7 +29,6 @@ lives in this script only, never in the package.
 import argparse
 import contextlib
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
