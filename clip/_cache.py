@@ -23,6 +23,11 @@ from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import filelock
 
+try:
+    import fcntl
+except ImportError:  # Windows: a file open in another process cannot be removed there, which serves instead
+    fcntl = None
+
 from . import _http, _registry
 
 __all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "check_file", "download",
@@ -38,8 +43,11 @@ LOCK_SUFFIX = ".lock"
 HOLDER_SUFFIX = ".lock.holder"  # "<pid> <host>" of the process holding the lock, for the processes that wait
 # The most seconds between two looks at a held lock and at the holder's progress (shorter for a short stall bound).
 LOCK_POLL = 1.0
+# A waiter's own partial file is made, then locked: one younger than this may be a live one not yet locked.
+ABANDONED_AFTER = 60.0
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_PRIVATE_PARTIAL = re.compile(r"\.[0-9a-f]{12}" + re.escape(PARTIAL_SUFFIX))  # after the name: `_own_partial`
 # Opening flags that never follow a link and never block on a named pipe (absent flags are 0 where unsupported).
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _SAFE_OPEN = getattr(os, "O_NOFOLLOW", 0) | _NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -152,6 +160,7 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
     """
     expected = sha256_from_url(url)
     target = _target(url, root)
+    _remove_abandoned(target)
     seen = _inspect(target, expected)
     if seen.ok:
         return target
@@ -184,7 +193,7 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
             warnings.warn(f"{target}{found}; downloading it again (it is kept until a verified copy replaces it"
                           f"{_untouched(seen.entry)})", stacklevel=2)
         # Without the lock (its holder stalled), bytes go to a file of this process's own: the holder may resume.
-        partial = target + PARTIAL_SUFFIX if held else f"{target}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}"
+        partial = target + PARTIAL_SUFFIX if held else _own_partial(target)
         try:
             _fetch(sources, target, partial, expected, label, settings, opener, seen.entry.identity, keep=held)
         except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
@@ -701,6 +710,49 @@ def _holder(target: str) -> str:
 # Filling the cache
 
 
+def _own_partial(target: str) -> str:
+    """A new name for a waiter's own partial file: ``<target>.<12 random hex digits>.partial``."""
+    return f"{target}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}"
+
+
+def _claim(file: BinaryIO) -> None:
+    """Lock a waiter's own partial file for as long as this process has it open: the mark of a live download
+    that `_remove_abandoned` looks for. The system drops the lock with the process, however it ends. Where the
+    file system has no locks, nobody can take this one either, so the file is never taken for abandoned."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _remove_abandoned(target: str) -> None:
+    """Remove the waiters' own partial files of ``target`` (``<name>.<12 hex digits>.partial``) that no live
+    process holds: those of a waiter killed mid-download. Anything else, or anything in doubt, stays."""
+    folder, name = os.path.split(target)
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(name) and _PRIVATE_PARTIAL.fullmatch(entry, len(name)):
+            with contextlib.suppress(OSError):  # gone meanwhile, held, or not ours to remove: left as it is
+                _remove_if_unclaimed(os.path.join(folder, entry))
+
+
+def _remove_if_unclaimed(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY | _SAFE_OPEN | _BINARY)
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or time.time() - status.st_mtime < ABANDONED_AFTER:
+            return
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises OSError while its process lives
+            os.remove(path)
+    finally:
+        os.close(descriptor)
+    if fcntl is None:
+        os.remove(path)  # Windows refuses to remove a file that another process has open
+
+
 def _open_partial(path: str) -> _http.Sink:
     """The ``.partial`` file to resume (its bytes hashed once) or a new one; anything else there is replaced."""
     try:
@@ -728,6 +780,8 @@ def _fetch(sources: Sequence[str], target: str, partial: str, expected: str, lab
     sink = _open_partial(partial)
     failures = []
     try:
+        if not keep:
+            _claim(sink.file)
         for url in sources:
             try:
                 _fetch_from(url, sink, expected, settings, opener, label, limit)

@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 
+import filelock
 import pytest
 
 from clip import _cache, _http, _registry
@@ -747,6 +748,67 @@ def test_a_stopped_download_is_fetched_by_the_waiter_and_the_holder_resumes_harm
     assert [check.ok for check in _cache.verify_cache()] == [True]
     assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
     assert len(gets(server, path)) == 2
+
+
+OWN_PARTIAL = re.compile(r"model\.pt\.[0-9a-f]{12}\.partial")
+
+
+def age(path: pathlib.Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_the_next_download_removes_an_abandoned_own_partial_and_nothing_else(server, sandbox):
+    """A waiter killed while it fetched into a file of its own leaves that file; the next download of the same
+    file removes it (here: one that finds the file in the cache). Whatever else lies there stays."""
+    data = payload()
+    url, _ = publish(server, data)
+    target = pathlib.Path(_cache.download(url))
+    abandoned = sandbox / "model.pt.0123456789ab.partial"
+    fresh = sandbox / "model.pt.ba9876543210.partial"  # just made: its waiter may not have locked it yet
+    others = [sandbox / name for name in ("model.pt.partial", "other.pt.0123456789ab.partial",
+                                          "model.pt.0123456789ab.partial.bak", "model.pt.0123456789.partial",
+                                          "model.pt2.0123456789ab.partial")]
+    for path in [abandoned, fresh] + others:
+        path.write_bytes(b"x" * 1000)
+        if path != fresh:
+            age(path, 2 * _cache.ABANDONED_AFTER)
+    age(fresh, _cache.ABANDONED_AFTER / 2)
+    assert _cache.download(url) == str(target)
+    assert not abandoned.exists()
+    assert fresh.exists() and all(path.exists() for path in others)
+    assert target.read_bytes() == data
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
+def test_a_waiters_own_partial_is_kept_while_it_lives_and_removed_once_it_is_killed(server, sandbox, monkeypatch):
+    data = payload()
+    url, path = publish(server, data)
+    server.add_fault(path, "pause", 100_000, seconds=60)  # the waiter's transfer: a third, then a stall
+    sandbox.mkdir(parents=True, exist_ok=True)
+    stalled_holder = filelock.FileLock(str(sandbox / "model.pt.lock"))
+    stalled_holder.acquire()  # held, with no progress: the waiter soon fetches into a file of its own
+    try:
+        waiter = subprocess.Popen([sys.executable, "-c", DOWNLOAD, MODULE, url], cwd=REPO,
+                                  env=child_env(CLIP_DOWNLOAD_STALL_TIMEOUT="1"), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not ((own := [entry for entry in sandbox.iterdir() if OWN_PARTIAL.fullmatch(entry.name)])
+                   and own[0].stat().st_size >= 90_000):  # locked before its first byte
+            assert waiter.poll() is None and time.monotonic() < deadline, "the waiter never fetched on its own"
+            time.sleep(0.02)
+        monkeypatch.setattr(_cache, "ABANDONED_AFTER", 0.0)  # only the lock tells the live from the abandoned
+        _cache._remove_abandoned(str(sandbox / "model.pt"))
+        assert own[0].exists() and waiter.poll() is None  # the waiter lives: its file stays
+        waiter.send_signal(signal.SIGKILL)
+        waiter.wait(timeout=30)
+        assert own[0].exists()
+        _cache._remove_abandoned(str(sandbox / "model.pt"))
+        assert not own[0].exists()
+    finally:
+        stalled_holder.release()
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
 
 
 def test_a_waiter_says_once_whom_it_waits_for_during_a_healthy_shared_download(server, sandbox):
