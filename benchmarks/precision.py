@@ -1,7 +1,7 @@
 """What bfloat16 costs in accuracy: ``encode_image`` / ``encode_text`` under ``torch.autocast("cpu",
 dtype=torch.bfloat16)`` against float32, per architecture.
 
-    python benchmarks/precision.py [--models RN50 ViT-B/32 ViT-B/16 ViT-L/14] [--images N] [--labels 100]
+    python benchmarks/precision.py [--models ViT-B/32 RN50 ...] [--images N] [--labels 100]   # default: all nine
     python benchmarks/precision.py --models ViT-B/32 --load [--folder PHOTOS] [--labels-file LABELS]
 
 - Models: by default random weights in each release architecture (shapes from ``tests/data/state-dicts``),
@@ -13,9 +13,10 @@ dtype=torch.bfloat16)`` against float32, per architecture.
 
 For each model it prints, bfloat16 against float32: the smallest and median cosine similarity per row (images,
 and label prompts), the top-1 agreement of zero-shot classification (each image against all labels, image and
-text features both in the same precision), and the overlap of the top-10 neighbours of ``--queries`` query images
-among all images (self excluded). Also the mean cosine between different images' float32 rows, which says how
-crowded the space is: the more crowded, the more a small error reorders neighbours.
+text features both in the same precision; among all labels and among the first 10), and the overlap of the
+top-10 neighbours of ``--queries`` query images (default: every image) among all images (self excluded). Also the
+mean cosine between different images' float32 rows, which says how crowded the space is: the more crowded, the
+more a small error reorders neighbours. Random ResNets get their BatchNorms set up first (``random_model``).
 
 On a CPU without native bfloat16 (no ``avx512_bf16``/``amx_bf16``/``bf16`` flag; ``clip._embed.cpu_flags``),
 torch's bfloat16 matrix products are several times slower than float32. There the script keeps autocast (every
@@ -44,8 +45,9 @@ from benchmarks._common import print_machine, table  # noqa: E402
 ARCHITECTURES = {"RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
                  "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14",
                  "ViT-L/14@336px": "ViT-L-14-336px"}
-# Images per model on 2 cores: a few minutes each; the big ones get fewer.
-DEFAULT_IMAGES = {"RN50": 1000, "ViT-B/32": 1000, "RN101": 500, "ViT-B/16": 300, "RN50x4": 300, "ViT-L/14": 100}
+# Images per model: on 2 cores, float32 and bfloat16 of all nine take about an hour; the big ones get fewer.
+DEFAULT_IMAGES = {"ViT-B/32": 2000, "RN50": 500, "ViT-B/16": 300, "RN101": 300, "RN50x4": 200, "ViT-L/14": 100,
+                  "RN50x16": 100, "ViT-L/14@336px": 50, "RN50x64": 50}
 NOUNS = ("dog cat car tree house person bicycle boat bird horse sheep cow elephant bear zebra giraffe backpack "
          "umbrella handbag tie suitcase frisbee skis snowboard ball kite bat glove skateboard surfboard racket "
          "bottle glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot pizza donut cake chair "
@@ -54,11 +56,19 @@ NOUNS = ("dog cat car tree house person bicycle boat bird horse sheep cow elepha
          "bridge castle church tower lighthouse desert glacier waterfall volcano island meadow field garden "
          "kitchen bedroom office classroom library museum stadium airport station market harbour").split()
 TOP_K = 10  # neighbours compared in the retrieval
+FEW_LABELS = 10  # zero-shot agreement is also given among the first 10 labels: fewer candidates, farther apart
+CALIBRATION_IMAGES = 32  # generated images that set a random ResNet's BatchNorm statistics
 
 
 def random_model(name: str, seed: int = 0):
-    """A model of the release architecture ``name`` with random weights, as ``clip.load`` gives it on the CPU."""
-    from clip.model import CLIP, convert_weights, infer_dims
+    """A model of the release architecture ``name`` with random weights, as ``clip.load`` gives it on the CPU.
+
+    ResNets get two changes, or their rows would say nothing: the init zeroes the last BatchNorm of each residual
+    branch (so the branches add nothing, and no error made in them could show), and BatchNorm's statistics are
+    the init's (mean 0, variance 1), far from what the layers put out. Here those BatchNorms get weight 1, and
+    every BatchNorm's statistics are measured on generated images, as training would set them.
+    """
+    from clip.model import CLIP, ModifiedResNet, convert_weights, infer_dims
     from tests.checkpoints import release_table
 
     shapes = release_table(ARCHITECTURES[name])
@@ -66,7 +76,26 @@ def random_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = CLIP(**dataclasses.asdict(dims))
     convert_weights(model)  # the release files hold float16 weights; clip.load turns them into float32 on the CPU
-    return model.float().eval(), dims.image_resolution
+    model = model.float().eval()
+    if isinstance(model.visual, ModifiedResNet):
+        calibrate_batch_norm(model.visual, generated_images(CALIBRATION_IMAGES, dims.image_resolution, seed=seed + 1))
+    return model, dims.image_resolution
+
+
+def calibrate_batch_norm(visual: torch.nn.Module, images: torch.Tensor) -> None:
+    """Give each residual branch's last BatchNorm weight 1, then set every BatchNorm's statistics to those of its
+    input on ``images`` (one batch, in training mode: each layer sees the ones before it normalised)."""
+    norms = {name: module for name, module in visual.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    with torch.no_grad():
+        for name, norm in norms.items():
+            if name.endswith("bn3"):
+                norm.weight.fill_(1.0)
+            norm.reset_running_stats()
+            norm.momentum = None  # running statistics = this batch's
+            norm.train()
+        visual(images)
+    for norm in norms.values():
+        norm.eval()
 
 
 def generated_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -144,15 +173,16 @@ def neighbours(features: np.ndarray, queries: int) -> np.ndarray:
 
 def compare(fp32: tuple, bf16: tuple, queries: int) -> dict:
     (image32, text32), (image16, text16) = fp32, bf16
-    top32 = (image32 @ text32.T).argmax(axis=1)  # zero-shot: each image's best label
-    top16 = (image16 @ text16.T).argmax(axis=1)
+    scores32, scores16 = image32 @ text32.T, image16 @ text16.T  # zero-shot: [images, labels]
+    few = min(FEW_LABELS, scores32.shape[1])
     near32, near16 = neighbours(image32, queries), neighbours(image16, queries)
     overlap = [len(set(a) & set(b)) / TOP_K for a, b in zip(near32, near16)]
     pairs = image32 @ image32.T  # [rows, rows]
     return {
         "image_cosine": cosine_stats(image32, image16),
         "text_cosine": cosine_stats(text32, text16),
-        "top1_agreement": float(np.mean(top32 == top16)),
+        "top1_agreement": float(np.mean(scores32.argmax(axis=1) == scores16.argmax(axis=1))),
+        "top1_agreement_few": float(np.mean(scores32[:, :few].argmax(axis=1) == scores16[:, :few].argmax(axis=1))),
         "top10_overlap": float(np.mean(overlap)),
         "spread": float((pairs.sum() - np.trace(pairs)) / (len(pairs) * (len(pairs) - 1))),
     }
@@ -160,11 +190,11 @@ def compare(fp32: tuple, bf16: tuple, queries: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["RN50", "ViT-B/32", "ViT-B/16", "ViT-L/14"])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_IMAGES))
     parser.add_argument("--load", action="store_true", help="load each model with clip.load (your weights)")
     parser.add_argument("--images", type=int, default=None, help="images per model (default: per model)")
     parser.add_argument("--folder", type=Path, help="use these images (through preprocess) instead")
-    parser.add_argument("--queries", type=int, default=100, help="query images of the retrieval")
+    parser.add_argument("--queries", type=int, help="query images of the retrieval (default: every image)")
     parser.add_argument("--labels", type=int, default=100)
     parser.add_argument("--labels-file", type=Path)
     parser.add_argument("--check-real", type=int, default=8, help="images also run on torch's bfloat16 kernels")
@@ -199,7 +229,7 @@ def main() -> None:
             images = folder_images(args.folder, preprocess, count)
         else:
             images = generated_images(count, resolution)
-        queries = min(args.queries, len(images))
+        queries = min(args.queries or len(images), len(images))
         fp32 = encode(model, images, tokens, "fp32")
         bf16 = encode(model, images, tokens, mode)
         result = compare(fp32, bf16, queries)
@@ -215,11 +245,13 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s{check}", flush=True)
         rows.append([name, len(images), f"{result['image_cosine'][0]:.5f}", f"{result['image_cosine'][1]:.6f}",
                      f"{result['text_cosine'][0]:.5f}", f"{result['text_cosine'][1]:.6f}",
-                     f"{100 * result['top1_agreement']:.1f}%", f"{100 * result['top10_overlap']:.1f}%",
+                     f"{100 * result['top1_agreement_few']:.1f}%", f"{100 * result['top1_agreement']:.1f}%",
+                     f"{100 * result['top10_overlap']:.1f}%",
                      f"{result['spread']:.3f}"])
         del model
     print()
     print(table(["model", "images", "image cos min", "image cos median", "text cos min", "text cos median",
+                 f"top-1 agreement ({min(FEW_LABELS, len(labels))} labels)",
                  f"top-1 agreement ({len(labels)} labels)", f"top-{TOP_K} overlap", "mean cos between images"],
                 rows))
 
