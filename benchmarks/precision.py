@@ -45,9 +45,10 @@ from benchmarks._common import print_machine, table  # noqa: E402
 ARCHITECTURES = {"RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
                  "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14",
                  "ViT-L/14@336px": "ViT-L-14-336px"}
-# Images per model: on 2 cores, float32 and bfloat16 of all nine take about an hour; the big ones get fewer.
+# Images per model: float32 and bfloat16 of all nine took about an hour and a half on 2 AVX2 cores (the stand-in
+# kernels); the big ones get fewer.
 DEFAULT_IMAGES = {"ViT-B/32": 2000, "RN50": 500, "ViT-B/16": 300, "RN101": 300, "RN50x4": 200, "ViT-L/14": 100,
-                  "RN50x16": 100, "ViT-L/14@336px": 50, "RN50x64": 50}
+                  "RN50x16": 48, "ViT-L/14@336px": 24, "RN50x64": 16}
 NOUNS = ("dog cat car tree house person bicycle boat bird horse sheep cow elephant bear zebra giraffe backpack "
          "umbrella handbag tie suitcase frisbee skis snowboard ball kite bat glove skateboard surfboard racket "
          "bottle glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot pizza donut cake chair "
