@@ -29,6 +29,7 @@ except ImportError:  # Windows: a file open in another process cannot be removed
     fcntl = None
 
 from . import _http, _registry
+from ._errors import CacheFolderError, DownloadError
 
 __all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "check_file", "download",
            "sha256_from_url", "verify_cache", "write_atomically"]
@@ -52,14 +53,6 @@ _PRIVATE_PARTIAL = re.compile(r"\.[0-9a-f]{12}" + re.escape(PARTIAL_SUFFIX))  # 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _SAFE_OPEN = getattr(os, "O_NOFOLLOW", 0) | _NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
-
-
-class DownloadError(RuntimeError):
-    """A file could not be downloaded or verified; the message says what was tried and what to do."""
-
-
-class CacheFolderError(DownloadError, FileExistsError):
-    """A file stands where the cache folder should be: the original's ``FileExistsError`` from ``os.makedirs``."""
 
 
 class _NotAFile(OSError):

@@ -8,14 +8,15 @@ import mmap
 import os
 import pickle
 import re
-import reprlib
 import stat
 import struct
 import zipfile
 import zlib
-from typing import Any, BinaryIO, Dict, Iterable, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import torch
+
+from ._errors import CheckpointError, CheckpointNotFoundError, format_keys
 
 __all__ = ["CheckpointError", "format_keys", "is_torchscript_archive", "read_file"]
 
@@ -51,27 +52,6 @@ _MAX_MODULE_DEPTH = 64
 _SAFETENSORS_HEADER_LENGTH = struct.Struct("<Q")
 # safetensors refuses headers over 100 MB; a longer claimed length means the file is something else.
 _SAFETENSORS_MAX_HEADER = 100_000_000
-
-
-class CheckpointError(RuntimeError):
-    """A file that cannot be read as a CLIP checkpoint; the message names the file and what was expected.
-
-    A ``RuntimeError``, as the original's ``load`` raised for a name or path it could not load.
-    """
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """Nothing at a checkpoint path: the original's ``RuntimeError``, and the ``FileNotFoundError`` it is."""
-
-
-def format_keys(keys: Iterable[Any], limit: int = 20) -> str:
-    """``"a, b, c ..."``: the first ``limit`` keys for a message (``"none"`` when there are none).
-
-    Keys that are not strings (from a damaged file) are shown by a depth- and length-bounded ``repr``.
-    """
-    keys = list(keys)
-    shown = ", ".join(k if isinstance(k, str) else reprlib.repr(k) for k in keys[:limit])
-    return (shown or "none") + (" ..." if len(keys) > limit else "")
 
 
 def no_checkpoint_error(path: str) -> CheckpointNotFoundError:

@@ -13,8 +13,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ._checkpoint import CheckpointError, format_keys, read_file
-from .model import StateDictError, _is_causal, infer_dims
+from ._checkpoint import read_file
+from ._errors import CheckpointError, StateDictError, format_keys
+from .model import _is_causal, infer_dims
 
 __all__ = ["read_state_dict", "read_folder", "to_openai_layout"]
 

@@ -12,7 +12,8 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from . import _cache, _registry
 from ._checkpoint import no_checkpoint_error
 from ._layouts import read_state_dict
-from .model import CLIP, StateDictError, build_model, model_from_state_dict  # noqa: F401 (the original's import)
+from ._errors import StateDictError
+from .model import CLIP, build_model, model_from_state_dict  # noqa: F401 (the original's import)
 from . import simple_tokenizer as _simple_tokenizer
 from .simple_tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401  (the original's alias; clients import it)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._checkpoint import CheckpointError, format_keys
+from ._errors import StateDictError, format_keys
 
 __all__ = [
     "AttentionPool2d",
@@ -714,16 +714,6 @@ class ModelDims:
     transformer_width: int
     transformer_heads: int
     transformer_layers: int
-
-
-class StateDictError(CheckpointError, KeyError):
-    """A state dict that is not one of a CLIP model; the message lists the keys or shapes that do not fit.
-
-    A ``RuntimeError`` (as every ``CheckpointError``) and a ``KeyError``: the errors the original's ``build_model``
-    raised for keys or shapes ``load_state_dict`` refused and for a missing key.
-    """
-
-    __str__ = CheckpointError.__str__  # the message as written: KeyError's own __str__ would quote it
 
 
 def _layer_indices(state_dict: Mapping[str, torch.Tensor], prefix: str) -> set:

@@ -250,3 +250,17 @@ def test_a_bug_of_ours_while_unpickling_is_not_blamed_on_the_file(tmp_path, monk
     monkeypatch.setattr(_checkpoint, "_rebuild_tensor", broken)
     with pytest.raises(TypeError, match="a bug in the rebuild function"):
         read_state_dict(path)
+
+
+def test_the_exceptions_live_in_one_module_and_keep_their_documented_paths():
+    import clip._cache
+    import clip._checkpoint
+    import clip._errors
+    import clip.model
+
+    assert clip._checkpoint.CheckpointError is clip._errors.CheckpointError
+    assert clip._checkpoint.CheckpointNotFoundError is clip._errors.CheckpointNotFoundError
+    assert clip.model.StateDictError is clip._errors.StateDictError
+    assert clip._cache.DownloadError is clip._errors.DownloadError
+    assert clip._cache.CacheFolderError is clip._errors.CacheFolderError
+    assert issubclass(clip._errors.StateDictError, (KeyError, RuntimeError))

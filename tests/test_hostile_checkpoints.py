@@ -20,7 +20,7 @@ import torch
 
 from checkpoints import TINY_VIT, random_state_dict, save_state_dict
 
-CHECKPOINT_ERROR = "clip._checkpoint.CheckpointError"
+CHECKPOINT_ERROR = "clip._errors.CheckpointError"  # what clip._checkpoint.CheckpointError names
 # A bounded parse of a file of a few kilobytes takes milliseconds; the unbounded ones took minutes or ran out of
 # memory. Generous for a loaded 2-core machine.
 SECONDS_PER_LOAD = 5
