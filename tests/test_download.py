@@ -1452,12 +1452,12 @@ def test_write_atomically_replaces_a_link_syncs_and_never_leaves_half_a_file(tmp
 
 
 def test_the_layers_import_one_way_and_without_torch():
-    """_http knows nothing of the cache; _cache needs only _http and _registry; neither imports torch."""
+    """_http knows nothing of the cache; _cache needs only _http, _registry and _errors; neither imports torch."""
     code = ("import sys, types; package = types.ModuleType('clip'); package.__path__ = [sys.argv[1]]; "
             "sys.modules['clip'] = package; import importlib; importlib.import_module(sys.argv[2]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('clip', 'torch')))")
     for module, loaded in (("clip._http", ["clip", "clip._http", "clip._registry"]),
-                           ("clip._cache", ["clip", "clip._cache", "clip._http", "clip._registry"])):
+                           ("clip._cache", ["clip", "clip._cache", "clip._errors", "clip._http", "clip._registry"])):
         done = subprocess.run([sys.executable, "-c", code, str(REPO / "clip"), module], capture_output=True,
                               text=True, timeout=60, check=True)
         assert done.stdout.strip() == str(loaded)
