@@ -28,9 +28,14 @@ DISTRIBUTION = "clip-dropin"
 PACKAGE = "clip"
 README_SECTION = "Libraries that depend on clip-anytorch or OpenAI's package"
 
-# Controls, DEL, C1 controls, line separators and lone surrogates: never written raw to a terminal (a path may
-# hold them). The package's own list (clip._console) is not importable before the check.
-_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# The one rule for what never reaches a terminal or a line-based file raw, here because this module must speak before
+# any file of the package may be imported; clip._console reads it from here. C0 and C1 controls and DEL (escape
+# sequences, carriage returns, the line breaks and separators that str.splitlines splits at), the Unicode line and
+# paragraph separators, and the lone surrogates that stand for the undecodable bytes of a file name that is not
+# UTF-8 (they cannot be encoded for output). Those JSON leaves raw are the ones past U+001F.
+UNSAFE_PAST_C0 = "\x7f-\x9f\u2028\u2029\ud800-\udfff"
+UNSAFE_CHARACTERS = "\x00-\x1f" + UNSAFE_PAST_C0
+_UNSAFE = re.compile(f"[{UNSAFE_CHARACTERS}]")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -48,12 +53,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     problem = installation_problem()
     if problem is not None:
-        text = _UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", problem)
-        print(f"clip: error: {text}", file=sys.stderr)
+        print(f"clip: error: {printable(problem, keep_newlines=True)}", file=sys.stderr)
         return 1
     from clip._cli import main as run_command_line  # only now: these files are the ones we installed
 
     return run_command_line(argv)
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    r"""``text`` safe for a terminal: each control, separator or lone surrogate as a ``\xHH``/``\uHHHH`` escape.
+
+    Ordinary text (any script, spaces, backslashes) is unchanged; a name can neither move the cursor nor start a
+    new line. ``keep_newlines`` leaves ``\n`` alone, for a message of several lines built by us.
+    """
+    return _UNSAFE.sub(lambda match: match.group() if keep_newlines and match.group() == "\n"
+                       else escape_character(match.group()), text)
+
+
+def escape_character(char: str) -> str:
+    r"""``\xHH`` for a character below U+0100, else ``\uHHHH`` (every character of ``UNSAFE_CHARACTERS`` fits)."""
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def installation_problem() -> Optional[str]:

@@ -1,22 +1,25 @@
-"""The ``clip`` command line: the parser, the entry point, and the commands that run no model (``models``,
-``download``, ``verify``, ``merge``). Those commands and ``--help`` must never import torch; ``classify`` and
-``embed`` live in ``clip._embed``, imported when one of them runs.
+"""The ``clip`` command line: the parser, the entry point, the commands that run no model (``models``,
+``download``, ``verify``, ``merge``), and everything ``classify`` and ``embed`` check before their work. None of
+it imports torch: the model commands' work lives in ``clip._embed``, imported only once every check has passed.
 """
 import argparse
+import errno
 import os
 import re
+import signal
 import sys
 import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from . import _cache, _outputs, _registry
+from . import _cache, _inputs, _outputs, _registry
 from ._console import CLIError, printable, warn
 
 __all__ = ["main", "build_parser"]
 
 DEFAULT_MODEL = "ViT-B/32"
-# The registry the cache commands read, looked up at call time: tests point it at files served on 127.0.0.1.
-RELEASES = _registry.MODELS
+# The exit status after a closed pipe (``clip models | head -1``): 128 + SIGPIPE, as a shell reports a command that
+# a closed pipe stopped; the pipeline's own status is the reader's.
+CLOSED_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The parser
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = command("models", _cmd_models, "list the release models and their cache status",
                      "List the release models: file, size, and whether each is in the cache and verified.")
-    _add_model_options(models, default=None, model_help="show only this model")
+    _add_release_options(models, "show only this model")
 
     download = command("download", _cmd_download, "download release models into the cache",
                        "Download release models into the cache (verified against their SHA-256), e.g.\n"
@@ -49,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "A file already there and verified is not fetched again.")
     download.add_argument("names", nargs="*", metavar="NAME", help="release model names (see 'clip models')")
     download.add_argument("--all", action="store_true", help="download every release model")
-    _add_model_options(download, default=None, model_help="a release name to download, like NAME")
+    _add_release_options(download, "a release name to download, like NAME")
 
     verify = command("verify", _cmd_verify, "re-hash every file of the cache",
                      "Re-hash every verified file of the cache and report each; exit status 1 if any fails.")
-    _add_model_options(verify, default=None, model_help="check only this model's file")
+    _add_release_options(verify, "check only this model's file")
 
-    classify = command("classify", _run_model_command("cmd_classify"), "zero-shot classify images against text labels",
+    classify = command("classify", _cmd_classify, "zero-shot classify images against text labels",
                        "Zero-shot classification: print each image's top labels with their probabilities, e.g.\n"
                        "  clip classify photo.jpg --labels dog cat --template 'a photo of a {}.'\n"
                        "Folders are searched recursively for images.")
@@ -75,15 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(classify)
     _add_precision_options(classify)
 
-    embed = command("embed", _run_model_command("cmd_embed"), "embed a folder of images or a text file into a .npy file",
+    embed = command("embed", _cmd_embed, "embed a folder of images or a text file into a .npy file",
                     "Write L2-normalised float32 features, one row per input, to OUTPUT (.npy) and the inputs in\n"
                     "row order to OUTPUT with .txt instead of .npy (image paths relative to the folder, or the\n"
                     "texts, one per line, escaped as the README's 'embed' section says). INPUT is a folder of\n"
                     "images (searched recursively) or a text file (one text per line; blank lines are skipped, long\n"
                     "texts truncated). Unreadable images are reported and skipped.\n\n"
+                    "Beside them, OUTPUT with .json records what the rows were made from (model, inputs, options):\n"
+                    "outputs already made from the same are kept and the run skipped; made from others, they are\n"
+                    "recomputed (--keep-existing: refused instead).\n\n"
                     "Split a large job with --shard I/N (0 <= I < N): each shard takes its slice of the sorted\n"
-                    "inputs and writes OUTPUT.shard-I-of-N.npy/.txt atomically; a shard already written is\n"
-                    "skipped, so rerunning a job resumes it. 'clip merge OUTPUT' joins the shards.")
+                    "inputs and writes OUTPUT.shard-I-of-N.npy/.txt/.json; a shard already written from the\n"
+                    "same job is skipped, so rerunning a job resumes it. 'clip merge OUTPUT' joins the shards.")
     embed.add_argument("input", metavar="INPUT", help="a folder of images or a text file")
     embed.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="the .npy file to write")
     embed.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -94,15 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "decodes in the main process)")
     embed.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                        help="process only the I-th of N equal slices of the inputs (0-based)")
-    embed.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    existing = embed.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    existing.add_argument("--keep-existing", action="store_true",
+                          help="never replace outputs made from other inputs, model or options: stop with an error")
     _add_progress_options(embed, "no progress bar (shown when stderr is a terminal)")
     _add_model_options(embed)
     _add_precision_options(embed)
 
     merge = command("merge", _cmd_merge, "join the shards of a sharded 'clip embed' run",
                     "Join OUTPUT.shard-I-of-N.npy/.txt, I = 0..N-1, into OUTPUT (.npy) and its .txt list, in\n"
-                    "shard order, which is the order of the inputs. Fails if a shard is missing. Outputs that\n"
-                    "exist already are kept, and the merge skipped, unless --overwrite is given.")
+                    "shard order, which is the order of the inputs. Fails if a shard is missing, or if the shards'\n"
+                    "records (.json) say they were cut from different inputs, models or options. Outputs merged\n"
+                    "from the same shards already are kept, and the merge skipped, unless --overwrite is given.")
     merge.add_argument("output", metavar="OUTPUT", help="the --output the 'clip embed' shards were given")
     merge.add_argument("--overwrite", action="store_true", help="merge again into outputs that already exist")
     return parser
@@ -125,31 +135,23 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
                         help="run --precision bf16 even on a CPU without native bfloat16 (several times slower)")
 
 
-def _run_model_command(name: str) -> Callable[[argparse.Namespace], int]:
-    """A handler that imports ``clip._embed`` (and so torch) only when the command runs."""
-
-    def handler(args: argparse.Namespace) -> int:
-        from . import _embed
-
-        return getattr(_embed, name)(args)
-
-    return handler
-
-
 def _add_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-root", metavar="DIR",
                         help="the cache folder (default: $CLIP_CACHE_DIR, else ~/.cache/clip)")
 
 
-def _add_model_options(parser: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL,
-                       model_help: Optional[str] = None) -> None:
-    """--model, --device and --download-root, which every command takes so scripts can pass them uniformly."""
-    parser.add_argument("-m", "--model", default=default,
-                        help=model_help or f"a release name (see 'clip models') or a checkpoint path "
-                                           f"(default: {DEFAULT_MODEL})")
+def _add_release_options(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model (one release) and --download-root, for the commands that manage the cache and run no model."""
+    parser.add_argument("-m", "--model", default=None, help=model_help)
+    _add_cache_option(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and --download-root, for the commands that run a model."""
+    parser.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                        help=f"a release name (see 'clip models') or a checkpoint path (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default=None,
-                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)"
-                        if default else "accepted like every command's, unused: this command runs no model")
+                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     _add_cache_option(parser)
 
 
@@ -175,6 +177,8 @@ def _shard(text: str) -> Tuple[int, int]:
     if not match or not int(match.group(1)) < int(match.group(2)):
         raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/8 for the first of 8 shards; "
                                          f"got {text!r}")
+    if int(match.group(2)) > _outputs.MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"N is at most {_outputs.MAX_SHARDS}; got {text!r}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -208,11 +212,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # argparse's --help, --version and usage errors
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except CLIError as error:
-        print(f"clip: error: {printable(str(error), keep_newlines=True)}", file=sys.stderr)
+        print(f"clip: error: {error_line(str(error))}", file=sys.stderr)
         return error.code
     except KeyboardInterrupt:
         print("clip: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (clip models | head -1): what was wanted has been read
+        _quiet_closed_pipe()
+        return CLOSED_PIPE
+    except OSError as error:
+        if error.errno != errno.EPIPE:
+            raise
+        _quiet_closed_pipe()
+        return CLOSED_PIPE
+
+
+def error_line(message: str) -> str:
+    """A message as one line for ``clip: error:``: its lines joined, each control character escaped."""
+    return printable(" ".join(line.strip() for line in message.splitlines() if line.strip()))
+
+
+def _quiet_closed_pipe() -> None:
+    """Point stdout at the null device, so that Python's flush at exit meets no closed pipe and prints nothing."""
+    try:
+        descriptor = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(descriptor, sys.stdout.fileno())
+        os.close(descriptor)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured by a test, or closed)
+        pass
 
 
 def _version() -> str:
@@ -234,8 +261,9 @@ def _show_warning(message: Warning, category: type, filename: str, lineno: int, 
 
 
 def _release_files() -> List[Tuple[str, str, str]]:
-    """(name, url, file name) of every entry of the registry."""
-    return [(name, url, _registry.file_name(url)) for name, url in RELEASES.items()]
+    """(name, url, file name) of every entry of the registry, ``_registry.MODELS`` read at call time (tests point
+    it at files served on 127.0.0.1)."""
+    return [(name, url, _registry.file_name(url)) for name, url in _registry.MODELS.items()]
 
 
 def _format_size(size: Optional[float]) -> str:
@@ -260,18 +288,10 @@ def _cache_status(url: str, path: str, root: Optional[str]) -> str:
 
 def _release_or_error(name: str) -> str:
     """The registry name for ``name`` (any spelling ``load`` accepts), or load()'s unknown-name error."""
-    if name in RELEASES:
-        return name
-    release = _registry.release_name(name, RELEASES)  # load()'s other spellings: any case, the file's
-    if release is None:
-        from . import clip as clip_module  # only on this error path: the same message, with suggestions, as load()
-
-        try:
-            clip_module._checkpoint_path(name, None)
-        except (RuntimeError, OSError) as error:
-            raise CLIError(str(error)) from None
-        raise CLIError(f"{name} is a local file, not a release name: it has no place in the release cache")
-    return release
+    model = _inputs.find_model(name)
+    if model.url is None:
+        raise CLIError(f"{printable(name)} is a local file, not a release name: it has no place in the release cache")
+    return model.name
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -296,15 +316,15 @@ def _cmd_download(args: argparse.Namespace) -> int:
     names = args.names + ([args.model] if args.model else [])
     if not names and not args.all:
         args.parser.error("name the models to download (see 'clip models'), or pass --all")
-    releases = list(RELEASES) if args.all else [_release_or_error(name) for name in names]
+    releases = list(_registry.MODELS) if args.all else [_release_or_error(name) for name in names]
 
     folder = _cache.cache_dir(args.download_root)
     failed = 0
     for release in dict.fromkeys(releases):
         try:
-            path = _cache.download(RELEASES[release], folder)
+            path = _cache.download(_registry.MODELS[release], folder)
         except (RuntimeError, OSError) as error:
-            print(f"clip: error: {release}: {printable(str(error), keep_newlines=True)}", file=sys.stderr)
+            print(f"clip: error: {release}: {error_line(str(error))}", file=sys.stderr)
             failed += 1
             continue
         print(f"{release}: {path}")
@@ -346,12 +366,79 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    features_path, list_path = _outputs.output_paths(args.output, None)
-    if _outputs.prepare_outputs(features_path, list_path, overwrite=args.overwrite, sharded=False):
-        print(f"{printable(features_path)} already exists; skipping (pass --overwrite to merge again)",
-              file=sys.stderr)
+    features_path, _ = _outputs.output_paths(args.output, None)
+    with _outputs.writing(features_path):
+        merged = _outputs.merge(args.output, overwrite=args.overwrite)
+    if merged is None:
+        print(f"{printable(features_path)} already exists, merged from the same shards; skipping (pass --overwrite "
+              "to merge again)", file=sys.stderr)
         return 0
-    count, rows, features_path, list_path = _outputs.merge(args.output)
+    count, rows, features_path, list_path = merged
     print(f"{count} shards, {rows} rows merged into {printable(features_path)} and {printable(list_path)}",
           file=sys.stderr)
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clip classify and clip embed: every check before the work, then the work (clip._embed, which imports torch)
+
+
+def _check_precision(args: argparse.Namespace) -> None:
+    if args.force_precision and args.precision != "bf16":
+        args.parser.error("--force-precision applies to --precision bf16 only; add --precision bf16, or drop it")
+
+
+def _read_labels(args: argparse.Namespace) -> List[str]:
+    if args.labels_file is not None:
+        try:
+            labels = _inputs.read_lines(args.labels_file)
+        except (OSError, UnicodeDecodeError) as error:
+            args.parser.error(f"cannot read --labels-file: {error}")
+        if not labels:
+            args.parser.error(f"no labels in {args.labels_file}: write one label per line")
+        return labels
+    labels = [label.strip() for label in args.labels]
+    if not all(labels):
+        args.parser.error("empty label in --labels: every label needs some text")
+    return labels
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    _check_precision(args)
+    labels = _read_labels(args)
+    templates = args.template or ["{}"]
+    for template in templates:
+        if "{}" not in template:
+            args.parser.error(f"--template {template!r} has no {{}} for the label; e.g. 'a photo of a {{}}.'")
+    paths = _inputs.image_paths(args.images)
+    checkpoint = _inputs.model_file(_inputs.find_model(args.model), args.download_root)
+    from . import _embed
+
+    return _embed.cmd_classify(args, checkpoint, labels, templates, paths)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    _check_precision(args)
+    features_path, list_path = _outputs.output_paths(args.output, args.shard)
+    label = "" if args.shard is None else f"shard {args.shard[0]}/{args.shard[1]}: "
+    with _outputs.writing(features_path):
+        kind, inputs = _inputs.embed_inputs(args.input)
+        if args.shard is not None and args.shard[1] > len(inputs):
+            raise CLIError(f"--shard {args.shard[0]}/{args.shard[1]}: {len(inputs)} {kind} cannot be cut into "
+                           f"{args.shard[1]} shards without empty ones; use at most {len(inputs)}")
+        model = _inputs.find_model(args.model)
+        name, identity = _inputs.model_identity(model)
+        record = _outputs.new_record(model=name, checkpoint=identity, kind=kind, count=len(inputs),
+                                     digest=_inputs.listing_digest(inputs), shard=args.shard, options=vars(args))
+        if _outputs.prepare_outputs(features_path, list_path, record, overwrite=args.overwrite,
+                                    keep_existing=args.keep_existing, inputs=[args.input], label=label):
+            print(f"{label}{printable(features_path)} already exists, made from the same inputs, model and options; "
+                  "skipping (pass --overwrite to recompute it)", file=sys.stderr)
+            return 0
+        if args.shard is not None:
+            index, count = args.shard
+            inputs = inputs[index * len(inputs) // count:(index + 1) * len(inputs) // count]
+        checkpoint = _inputs.model_file(model, args.download_root)
+        from . import _embed
+
+        return _embed.cmd_embed(args, checkpoint, kind, inputs, record, features_path, list_path, label)

@@ -5,17 +5,14 @@ import re
 import sys
 from typing import Any, Optional
 
+# Which characters never reach a terminal raw, and their escapes: one rule, kept in the launcher (which must speak
+# before the package may be imported) and read from there.
+from clip_dropin_launcher import UNSAFE_CHARACTERS, UNSAFE_PAST_C0, escape_character, printable  # noqa: F401
+
 # Seconds between progress-bar redraws (tqdm's own default); tests set 0 to see every update.
 PROGRESS_INTERVAL = 0.1
 
-# Characters that must never reach a terminal or a line-based file raw: C0 and C1 controls and DEL (escape
-# sequences, carriage returns, the line breaks and separators that str.splitlines splits at), the Unicode line and
-# paragraph separators, and the lone surrogates that stand for the undecodable bytes of a file name that is not
-# UTF-8 (they cannot be encoded for output). Those JSON leaves raw are the ones past U+001F.
-_UNSAFE_PAST_C0 = "\x7f-\x9f\u2028\u2029\ud800-\udfff"
-UNSAFE_CHARACTERS = "\x00-\x1f" + _UNSAFE_PAST_C0
-_UNSAFE = re.compile(f"[{UNSAFE_CHARACTERS}]")
-_UNSAFE_IN_JSON = re.compile(f"[{_UNSAFE_PAST_C0}]")
+_UNSAFE_IN_JSON = re.compile(f"[{UNSAFE_PAST_C0}]")
 
 
 class CLIError(Exception):
@@ -26,24 +23,8 @@ class CLIError(Exception):
         self.code = code
 
 
-def printable(text: str, *, keep_newlines: bool = False) -> str:
-    r"""``text`` safe for a terminal: each control, separator or lone surrogate as a ``\xHH``/``\uHHHH`` escape.
-
-    Ordinary text (any script, spaces, backslashes) is unchanged; a name can neither move the cursor nor start a
-    new line. ``keep_newlines`` leaves ``\n`` alone, for a message of several lines built by us.
-    """
-    return _UNSAFE.sub(lambda match: match.group() if keep_newlines and match.group() == "\n"
-                       else escape_character(match.group()), text)
-
-
-def escape_character(char: str) -> str:
-    r"""``\xHH`` for a character below U+0100, else ``\uHHHH`` (every character of ``UNSAFE_CHARACTERS`` fits)."""
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def json_safe(text: str) -> str:
-    """A JSON document (from ``json.dumps(..., ensure_ascii=False)``) with the characters of ``_UNSAFE`` that JSON
+    """A JSON document (from ``json.dumps(..., ensure_ascii=False)``) with the characters of ``UNSAFE_CHARACTERS`` that JSON
     leaves raw (DEL, C1 controls, U+2028/9, lone surrogates) written as ``\\uHHHH``: still the same JSON value."""
     return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 

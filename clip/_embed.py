@@ -1,5 +1,5 @@
-"""The commands that run a model, ``clip classify`` and ``clip embed``: image listing and the worker-decoded image
-dataset. Their features must never differ from ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised
+"""The work of the commands that run a model, ``clip classify`` and ``clip embed``, once ``clip._cli`` has checked
+everything that needs no model: the worker-decoded image dataset, the encoding, the results. Their features must never differ from ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised
 (with ``--precision bf16``, the same under CPU autocast to bfloat16).
 """
 import argparse
@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 import warnings
-from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence,
+from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence,
                     Tuple)
 
 import numpy as np
@@ -17,8 +17,7 @@ import torch
 
 from . import _outputs
 from ._console import CLIError, json_safe, printable, progress_bar, warn
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from ._inputs import IMAGE_EXTENSIONS, image_paths, list_images  # noqa: F401 (their home before _inputs)
 
 # classify shows a progress bar (on a terminal) from this many images on: fewer finish before a bar means anything.
 CLASSIFY_PROGRESS_FROM = 16
@@ -30,8 +29,9 @@ REASONS_SHOWN = 3
 # The model and the inputs
 
 
-def load_model(args: argparse.Namespace) -> Tuple[Any, Any, torch.device]:
-    """(model, preprocess, device) for --model/--device/--download-root, or a CLIError that says why not."""
+def load_model(args: argparse.Namespace, checkpoint: str) -> Tuple[Any, Any, torch.device]:
+    """(model, preprocess, device) for the checkpoint file ``--model`` led to and --device, or a CLIError that
+    says why not."""
     from . import clip as clip_module
 
     try:
@@ -41,52 +41,10 @@ def load_model(args: argparse.Namespace) -> Tuple[Any, Any, torch.device]:
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device} was asked for, but CUDA is not available here; use --device cpu")
     try:
-        model, preprocess = clip_module.load(args.model, device=device, download_root=args.download_root)
-    except (RuntimeError, OSError) as error:  # unknown name, missing or unreadable file, failed download
+        model, preprocess = clip_module.load(checkpoint, device=device)
+    except (RuntimeError, OSError) as error:  # an unreadable file, or not a CLIP checkpoint
         raise CLIError(str(error)) from None
     return model, preprocess, next(model.parameters()).device
-
-
-def list_images(folder: str) -> List[str]:
-    """The image files under ``folder``, recursively, as sorted paths relative to it with ``/`` separators.
-
-    Only regular files (or links to them) count: a FIFO or device named ``x.png`` is skipped with a warning, since
-    reading it could block forever. The order depends only on the names, so every machine cuts the same shards.
-    """
-    found = []
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            path = os.path.join(directory, name)
-            try:
-                regular = stat.S_ISREG(os.stat(path).st_mode)
-            except OSError as error:  # a dangling link, a link loop
-                warn(f"skipping {printable(path)}: {error.strerror or error}")
-                continue
-            if not regular:
-                warn(f"skipping {printable(path)}: not a regular file")
-                continue
-            found.append(os.path.relpath(path, folder).replace(os.sep, "/"))
-    return sorted(found)
-
-
-def image_paths(inputs: Sequence[str]) -> List[str]:
-    """Expand folders into their images; fail on a path that does not exist, before any model is loaded."""
-    paths, missing = [], []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = list_images(item)
-            if not found:
-                raise CLIError(f"no images in folder {printable(item)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-            paths += [os.path.join(item, name) for name in found]
-        elif os.path.exists(item):
-            paths.append(item)
-        else:
-            missing.append(item)
-    if missing:
-        raise CLIError(f"image not found: {', '.join(map(printable, missing))}")
-    return paths
 
 
 def _open_regular(path: str) -> Any:
@@ -211,17 +169,20 @@ CPUINFO = "/proc/cpuinfo"
 
 
 def cpu_flags(path: Optional[str] = None) -> Optional[FrozenSet[str]]:
-    """The CPU's feature flags from Linux's ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); None where that
-    file is missing or unreadable (macOS, Windows, some containers), so nothing is known."""
+    """The CPU's feature flags from Linux's ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); an empty set
+    where the file has neither line (RISC-V, POWER, s390x: no native bfloat16 flag known); None where the file is
+    missing, unreadable or empty (macOS, Windows, some containers), so nothing is known."""
+    read = False
     try:
         with open(path or CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
+                read = True
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
                     return frozenset(value.split())
     except OSError:
         return None
-    return None
+    return frozenset() if read else None
 
 
 def bf16_decision(device_type: str, flags: Optional[FrozenSet[str]], force: bool) -> Tuple[bool, Optional[str]]:
@@ -234,6 +195,9 @@ def bf16_decision(device_type: str, flags: Optional[FrozenSet[str]], force: bool
         return True, None
     if flags is None:
         reason = f"cannot tell whether this CPU computes bfloat16 natively ({CPUINFO} is not readable)"
+    elif not flags:
+        reason = (f"no native bfloat16 flags are known for this CPU ({CPUINFO} lists no x86 flags or Arm "
+                  "features), so it may be slower")
     elif not flags & NATIVE_BF16_FLAGS:
         reason = "this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 flag), so it would be slower"
     else:
@@ -241,38 +205,24 @@ def bf16_decision(device_type: str, flags: Optional[FrozenSet[str]], force: bool
     return False, f"--precision bf16: {reason}; running float32 (--force-precision runs bfloat16 anyway)"
 
 
-def precision_context(args: argparse.Namespace, device: torch.device) -> Callable[[], ContextManager]:
-    """What to run each encode call in: nothing for float32 (exactly clip.load's model), or CPU autocast to
-    bfloat16, where only the matrix products and convolutions take bfloat16 inputs (CLIP's LayerNorm computes in
-    float32 either way). Warns, in one line, when bf16 was asked for but float32 runs."""
+def precision_context(args: argparse.Namespace, device: torch.device) -> Tuple[Callable[[], ContextManager], str]:
+    """What to run each encode call in, and how the rows are computed in words (for the record): nothing for the
+    model as clip.load gives it (float32 on the CPU, the release's float16 elsewhere), or CPU autocast to bfloat16,
+    where only the matrix products and convolutions take bfloat16 inputs (CLIP's LayerNorm computes in float32
+    either way). Warns, in one line, when bf16 was asked for but does not run."""
+    as_loaded = (contextlib.nullcontext, f"{'float32' if device.type == 'cpu' else 'float16'} on {device.type}")
     if args.precision != "bf16":
-        return contextlib.nullcontext
+        return as_loaded
     use, message = bf16_decision(device.type, cpu_flags() if device.type == "cpu" else None, args.force_precision)
     if message:
         warn(message)
     if not use:
-        return contextlib.nullcontext
-    return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        return as_loaded
+    return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), "bfloat16 autocast on cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # clip classify
-
-
-def _read_labels(args: argparse.Namespace) -> List[str]:
-    if args.labels_file is not None:
-        try:
-            with open(args.labels_file, encoding="utf-8") as f:
-                labels = _nonblank_lines(f)
-        except (OSError, UnicodeDecodeError) as error:
-            args.parser.error(f"cannot read --labels-file: {error}")
-        if not labels:
-            args.parser.error(f"no labels in {args.labels_file}: write one label per line")
-        return labels
-    labels = [label.strip() for label in args.labels]
-    if not all(labels):
-        args.parser.error("empty label in --labels: every label needs some text")
-    return labels
 
 
 def _text_features(model: Any, device: torch.device, labels: Sequence[str], templates: Sequence[str],
@@ -292,15 +242,11 @@ def _text_features(model: Any, device: torch.device, labels: Sequence[str], temp
     return normalised(torch.stack(per_template).mean(dim=0))  # [templates, labels, dim] -> [labels, dim]
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    labels = _read_labels(args)
-    templates = args.template or ["{}"]
-    for template in templates:
-        if "{}" not in template:
-            args.parser.error(f"--template {template!r} has no {{}} for the label; e.g. 'a photo of a {{}}.'")
-    paths = image_paths(args.images)
-    model, preprocess, device = load_model(args)
-    cast = precision_context(args, device)
+def cmd_classify(args: argparse.Namespace, checkpoint: str, labels: Sequence[str], templates: Sequence[str],
+                 paths: Sequence[str]) -> int:
+    """Classify ``paths`` against ``labels`` (checked by ``clip._cli``) with the model in ``checkpoint``."""
+    model, preprocess, device = load_model(args, checkpoint)
+    cast, _ = precision_context(args, device)
     show = _show_progress(args)
     if show is None and len(paths) < CLASSIFY_PROGRESS_FROM:
         show = False
@@ -342,41 +288,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
 # clip embed
 
 
-def _nonblank_lines(lines: Iterable[str]) -> List[str]:
-    """The lines with surrounding white space stripped, blank ones left out."""
-    return [line for line in map(str.strip, lines) if line]
-
-
-def _read_texts(path: str) -> List[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return _nonblank_lines(f)
-    except UnicodeDecodeError as error:
-        raise CLIError(f"{printable(path)} is not UTF-8 text ({error}); clip embed takes a folder of images or a "
-                       "text file with one text per line") from None
-    except OSError as error:
-        raise CLIError(f"cannot read {printable(path)}: {error.strerror or error}") from None
-
-
-def embed_inputs(path: str) -> Tuple[str, List[str]]:
-    """("images", paths relative to the folder) or ("texts", lines) for an embed INPUT."""
-    if os.path.isdir(path):
-        images = list_images(path)
-        if not images:
-            raise CLIError(f"no images in folder {printable(path)} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
-                           "recursively)")
-        return "images", images
-    if not os.path.exists(path):
-        raise CLIError(f"input not found: {printable(path)}")
-    if path.lower().endswith(IMAGE_EXTENSIONS):
-        raise CLIError(f"{printable(path)} is an image; clip embed takes a folder of images or a text file with one "
-                       "text per line (use clip classify for single images)")
-    texts = _read_texts(path)
-    if not texts:
-        raise CLIError(f"no texts in {printable(path)}: write one text per line")
-    return "texts", texts
-
-
 def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder: str, names: Sequence[str],
                   batch_size: int, workers: int, bar: Any,
                   cast: Callable[[], ContextManager] = contextlib.nullcontext
@@ -415,22 +326,12 @@ def _embed_texts(model: Any, device: torch.device, texts: Sequence[str], batch_s
     return features
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
-    features_path, list_path = _outputs.output_paths(args.output, args.shard)
-    label = "" if args.shard is None else f"shard {args.shard[0]}/{args.shard[1]}: "
-    done = _outputs.prepare_outputs(features_path, list_path, overwrite=args.overwrite,
-                                    sharded=args.shard is not None, inputs=[args.input])
-    if done:
-        print(f"{label}{printable(features_path)} already exists; skipping (pass --overwrite to recompute it)",
-              file=sys.stderr)
-        return 0
-    kind, inputs = embed_inputs(args.input)
-    if args.shard is not None:
-        index, count = args.shard
-        inputs = inputs[index * len(inputs) // count:(index + 1) * len(inputs) // count]
-
-    model, preprocess, device = load_model(args)
-    cast = precision_context(args, device)
+def cmd_embed(args: argparse.Namespace, checkpoint: str, kind: str, inputs: Sequence[str], record: _outputs.Record,
+              features_path: str, list_path: str, label: str) -> int:
+    """Embed ``inputs`` (this run's slice, checked by ``clip._cli``) with the model in ``checkpoint`` and write
+    them, with ``record``, to ``features_path`` and ``list_path``."""
+    model, preprocess, device = load_model(args, checkpoint)
+    cast, computed = precision_context(args, device)
     batch_size = args.batch_size or default_batch_size(device)
     unit = kind[:-1]  # "image" or "text"
     with torch.inference_mode(), progress_bar(len(inputs), unit, _show_progress(args), description=label) as bar:
@@ -447,7 +348,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         more = "; ..." if len(inputs) > len(reasons) else ""
         raise CLIError(f"{label}none of the {len(inputs)} images could be read, so nothing was written ("
                        f"{'; '.join(reasons)}{more}); fix them, or the disk or mount they are on, and run again")
-    _outputs.save_outputs(features_path, list_path, features, rows)
+    _outputs.save_outputs(features_path, list_path, features, rows, dict(record, computed=computed))
     skipped = len(inputs) - len(rows)
     print(f"{label}{len(rows)} {unit if len(rows) == 1 else kind} embedded into {printable(features_path)} (rows "
           f"listed in {printable(list_path)})" + (f"; {skipped} unreadable, skipped" if skipped else ""),

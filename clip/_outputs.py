@@ -1,18 +1,39 @@
-"""The files ``clip embed`` writes and ``clip merge`` joins: names, the row-list format, the checks before any work,
-atomic saves, the merge. It never imports torch (numpy only inside functions), so ``clip merge`` starts fast.
+"""The files ``clip embed`` writes and ``clip merge`` joins: names, the row-list format, the record of what the rows
+were made from, the checks before any work, atomic saves, the merge. It never imports torch (numpy only inside
+functions), so ``clip merge`` starts fast.
 """
 import contextlib
 import errno
 import glob
+import itertools
+import json
 import os
 import re
-import tempfile
-from typing import Any, List, Optional, Sequence, Tuple
+import socket
+import stat
+import uuid
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: the lock is the file's existence alone
+    fcntl = None
 
 from . import _cache
 from ._console import UNSAFE_CHARACTERS, CLIError, escape_character, printable
 
 Shard = Optional[Tuple[int, int]]
+Record = Dict[str, Any]
+
+# The options of `clip embed` that change the rows it writes, by their argparse names: the record keeps their
+# values, and a finished output made with other values is not this run's. An option that changes rows joins here.
+ROW_OPTIONS = ("precision",)
+# What the first field of a record says, so that a JSON file of someone else's is never taken for one.
+RECORD_FORMAT = "clip embed record 1"
+# Fields of a record that say how the rows were computed, for information: they are not compared.
+_INFORMATION = ("format", "model", "computed")
+# The most shards a job may be cut into: past any job array, and it keeps shard names short.
+MAX_SHARDS = 1_000_000
 
 # In a row list, a backslash and every character that could split or garble a line are escaped, so that each row is
 # exactly one "\n"-terminated line whatever the text or file name holds.
@@ -45,7 +66,7 @@ def format_rows(rows: Sequence[str]) -> bytes:
 def read_rows(path: str) -> List[str]:
     """The rows of a row list written by :func:`format_rows`; ``CLIError`` naming the file if it is not one."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             text = f.read().decode("utf-8")
         if text and not text.endswith("\n"):
             raise ValueError("the last line is not complete")
@@ -66,74 +87,178 @@ def output_stem(output: str) -> str:
 
 
 def output_paths(output: str, shard: Shard) -> Tuple[str, str]:
-    """The (.npy, .txt) pair an embed run writes: OUTPUT itself, or its shard's files."""
+    """The (.npy, .txt) pair an embed run writes: OUTPUT itself, or its shard's files; ``CLIError`` for an OUTPUT
+    that names a folder (``res/``) or no file name (``.npy``), which would write hidden ``.npy`` and ``.txt``."""
     stem = output_stem(output)
+    if output.endswith(tuple(filter(None, (os.sep, os.altsep)))) or not os.path.basename(stem):
+        example = os.path.join(output if os.path.basename(stem) == "" and output != ".npy" else "", "features.npy")
+        raise CLIError(f"--output {printable(output)} names no file; name a .npy file, e.g. {printable(example)}")
     if shard is not None:
         index, count = shard
         stem = f"{stem}.shard-{index:0{len(str(count))}d}-of-{count}"
     return stem + ".npy", stem + ".txt"
 
 
-def prepare_outputs(features_path: str, list_path: str, *, overwrite: bool, sharded: bool,
-                    inputs: Sequence[str] = ()) -> bool:
-    """Check, before any work, that both outputs can be written; True if they exist already and the run is done.
+def record_path(features_path: str) -> str:
+    """Where the record of ``features_path`` lives: ``OUT.json`` beside ``OUT.npy`` and ``OUT.txt``."""
+    return output_stem(features_path) + ".json"
 
-    Fails (``CLIError``) on an output that is a folder or an input, a folder that cannot be created or written,
-    and, without ``overwrite``, one output that exists without the other (a user's file, not a finished run), except
-    the row list of an unfinished shard, which the rerun replaces.
+
+# ----------------------------------------------------------------------------------------------------------------
+# The record: what the rows were made from
+
+
+def new_record(*, model: str, checkpoint: str, kind: str, count: int, digest: str, shard: Shard,
+               options: Dict[str, Any]) -> Record:
+    """The record of a run: the model and its checkpoint's identity, the input listing (kind, count and digest of
+    every input, not only the shard's), the shard ``I/N`` (None unsharded) and the values of `ROW_OPTIONS`."""
+    return {"format": RECORD_FORMAT, "model": model, "checkpoint": checkpoint,
+            "inputs": {"kind": kind, "count": count, "sha256": digest},
+            "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+            "options": {name: options[name] for name in ROW_OPTIONS}}
+
+
+def read_record(path: str) -> Optional[Record]:
+    """The record at ``path``; None if there is none, or if the file there is not a record (someone else's)."""
+    try:
+        with open_regular(path) as file:
+            record = json.loads(file.read(1 << 20).decode("utf-8"))  # a record is a few hundred bytes
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+
+
+def differences(old: Record, new: Record, *, ignore: Sequence[str] = ()) -> List[str]:
+    """What differs between two records, field by field, each as ``field: old vs new`` in words."""
+    found = []
+    for field in sorted(set(old) | set(new)):
+        if field in _INFORMATION or field in ignore or old.get(field) == new.get(field):
+            continue
+        found.append(f"{field}: {_describe(old, field)} vs {_describe(new, field)}")
+    return found
+
+
+def _describe(record: Record, field: str) -> str:
+    value = record.get(field)
+    if field == "checkpoint":
+        return f"{record.get('model')} ({str(value)[:19]})"  # "sha256:" and 12 hex digits tell files apart
+    if field == "inputs" and isinstance(value, dict):
+        return f"{value.get('count')} {value.get('kind')} (listing sha256 {str(value.get('sha256'))[:12]})"
+    if isinstance(value, dict):
+        return ", ".join(f"--{key.replace('_', '-')} {item}" for key, item in sorted(value.items()))
+    return printable(str(value))
+
+
+def prepare_outputs(features_path: str, list_path: str, record: Record, *, overwrite: bool = False,
+                    keep_existing: bool = False, inputs: Sequence[str] = (), label: str = "",
+                    redo: str = "recomputing it") -> bool:
+    """Check, before any work, what the run will write; True if its outputs exist already, made from what
+    ``record`` says, so the run is done.
+
+    Outputs whose record differs are this command's own, made from other inputs, model or options: it says so
+    and the run replaces them (``keep_existing``: refuses instead). An unfinished write of its own (a record
+    without the .npy file) is replaced. It fails (``CLIError``) on an output that is a folder or an input, a folder
+    where the run's longest name cannot be created, and, without ``overwrite``, outputs beside no record of
+    clip embed's (a user's files, or an older version's).
     """
-    features_exist, list_exists = os.path.exists(features_path), os.path.exists(list_path)
-    for path, exists in ((features_path, features_exist), (list_path, list_exists)):
+    paths = (features_path, list_path, record_path(features_path))
+    for path in paths:
         if os.path.isdir(path):
             raise CLIError(f"--output: {printable(path)} is a folder; name a .npy file, e.g. "
                            f"{printable(os.path.join(path, 'features.npy'))}")
-        if exists and any(os.path.exists(item) and os.path.samefile(path, item) for item in inputs):
+        if os.path.exists(path) and any(os.path.exists(item) and os.path.samefile(path, item) for item in inputs):
             raise CLIError(f"--output {printable(features_path)} would overwrite the input {printable(path)}; "
                            "choose another output name")
-    if features_exist and list_exists and not overwrite:
-        return True
-    if (features_exist or list_exists) and not overwrite and not (sharded and list_exists):
-        present, absent = (features_path, list_path) if features_exist else (list_path, features_path)
-        raise CLIError(f"{printable(present)} exists but {printable(absent)} does not, so it is not the output of a "
-                       "finished run; pass --overwrite to replace it, or choose another --output")
-    _check_writable(os.path.dirname(os.path.abspath(features_path)))
-    for path in (features_path, list_path):
+    _check_writable(os.path.dirname(os.path.abspath(features_path)), max(paths, key=len))
+    old = read_record(paths[2])
+    present = [path for path in paths if os.path.exists(path)]
+    if not overwrite and old is None and present:
+        raise CLIError(f"{_join(present)} {'exist' if len(present) > 1 else 'exists'} but "
+                       f"{printable(paths[2]) + ' holds no' if os.path.exists(paths[2]) else 'without the'} record "
+                       f"clip embed writes beside its outputs, so {'they are' if len(present) > 1 else 'it is'} not "
+                       "the output of a run of this command (or of an older version); pass --overwrite to replace "
+                       f"{'them' if len(present) > 1 else 'it'}, or choose another --output")
+    if not overwrite and old is not None and os.path.exists(features_path) and os.path.exists(list_path):
+        changed = differences(old, record)
+        if not changed:
+            return True
+        because = f"{printable(features_path)} was made from other inputs, model or options ({'; '.join(changed)})"
+        if keep_existing:
+            raise CLIError(f"{label}{because}; --keep-existing keeps it: run without --keep-existing to replace it, "
+                           "or choose another --output")
+        warn(f"{label}{because}: {redo}")
+    for path in paths:
         remove_stale_temporaries(path)
     return False
 
 
-def _check_writable(folder: str) -> None:
-    """Create ``folder`` if needed and prove a file can be made in it, so a run never fails after its work."""
+def _join(paths: Sequence[str]) -> str:
+    return " and ".join(map(printable, paths))
+
+
+def _check_writable(folder: str, longest: str) -> None:
+    """Create ``folder`` if needed, then create and remove the longest name the run will create there (the
+    temporary name of its longest output), so that a run never fails after its work for want of permission or
+    for a name its file system cannot hold."""
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe = temporary_name(longest)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
     except OSError as error:
-        raise CLIError(f"cannot write the output into {printable(folder)}: {error.strerror or error}; choose "
-                       "another --output or fix the folder's permissions") from None
+        if error.errno == errno.ENAMETOOLONG:
+            raise CLIError(f"the output name {printable(os.path.basename(output_stem(longest)))} is too long for its "
+                           f"file system once the run's own suffixes are added (its longest file is named like "
+                           f"{printable(os.path.basename(temporary_name(longest)))}); choose a shorter --output") from None
+        raise _unwritable(folder, error) from None
 
 
-def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequence[str]) -> None:
-    """Write the row list, then the features: a run counts as finished once its .npy file exists.
+def _unwritable(folder: str, error: OSError) -> CLIError:
+    return CLIError(f"cannot write the output into {printable(folder)}: {error.strerror or error}; choose another "
+                    "--output or fix the folder's permissions")
 
-    An old .npy file goes first, so that the outputs never look finished before both new files are in place. A
-    write that fails (a full disk, a quota, a file-size limit) leaves neither file behind, so the rerun starts
-    afresh, and raises ``CLIError`` naming the file and the cause.
+
+def temporary_name(path: str) -> str:
+    """The name ``write_atomically`` gives the new file of ``path`` while it is written."""
+    return f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def open_regular(path: str) -> Any:
+    """A binary file object for ``path`` if it is a regular file; opening never blocks (a FIFO would)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequence[str], record: Record) -> None:
+    """Write the record, the row list, then the features: outputs count as finished once their .npy file exists.
+
+    An old .npy file goes first, so that the outputs never look finished before all new files are in place, and
+    the record next, so that whatever a killed run leaves is known for its own by the rerun. A write that fails (a
+    full disk, a quota, a file-size limit) leaves none of the three behind, so the rerun starts afresh, and raises
+    ``CLIError`` naming the file and the cause.
     """
     import numpy as np
 
-    path, written = features_path, None
+    steps = [(record_path(features_path), lambda f: f.write(json.dumps(record, indent=1).encode("utf-8") + b"\n")),
+             (list_path, lambda f: f.write(format_rows(rows))),
+             (features_path, lambda f: np.save(f, features, allow_pickle=False))]
+    path, written = features_path, []
     try:
         if os.path.lexists(features_path):
             os.remove(features_path)
-        path = list_path
-        _cache.write_atomically(list_path, lambda f: f.write(format_rows(rows)))
-        path, written = features_path, list_path
-        _cache.write_atomically(features_path, lambda f: np.save(f, features, allow_pickle=False))
+        for path, write in steps:
+            _cache.write_atomically(path, write)
+            written.append(path)
     except OSError as error:
-        if written is not None:
+        for done in written:  # alone, they would make the rerun refuse or look finished
             with contextlib.suppress(OSError):
-                os.remove(written)  # the new row list: alone it would make the rerun refuse
+                os.remove(done)
         raise CLIError(_write_failure(path, error)) from None
 
 
@@ -159,11 +284,143 @@ def remove_stale_temporaries(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# One writer per output
+
+
+def lock_path(features_path: str) -> str:
+    return output_stem(features_path) + ".lock"
+
+
+@contextlib.contextmanager
+def writing(features_path: str) -> Iterator[None]:
+    """Hold the lock of an output (``OUT.lock``, beside ``OUT.npy``) for the whole run; ``CLIError`` naming the
+    process and host of the run that holds it.
+
+    The lock file is created exclusively and holds ``pid host``; this process also holds an ``flock`` on it, which
+    the system drops however the process ends, so a file left by a dead run is known as such and replaced. Where
+    the file system has no ``flock`` (some network mounts), a file left by a dead process of this host is known
+    by its pid; one of another host is reported, with how to remove it. The file is removed when the run ends.
+    """
+    path = lock_path(features_path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = _take_lock(path)
+    except OSError as error:
+        raise _unwritable(folder, error) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # first, while still held: a newcomer then makes a new lock, never shares this one
+        os.close(descriptor)
+
+
+def _take_lock(path: str) -> int:
+    for _ in range(3):  # a dead holder's file replaced, or a file removed under a waiter, costs one more try
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileExistsError:
+            if not _removed_if_stale(path):
+                raise CLIError(f"another run ({_holder(path)}) is writing {printable(path[:-len('.lock')])}.npy: wait "
+                               f"for it to finish, or choose another --output (if no run is writing it, remove "
+                               f"{printable(path)})") from None
+            continue
+        try:
+            if fcntl is not None:
+                try:  # blocking: a run checking whether this new file is stale holds its flock for an instant
+                    fcntl.flock(descriptor, fcntl.LOCK_EX)
+                except OSError:  # no flock on this file system: the pid in the file is the mark
+                    pass
+            os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode("utf-8"))
+        except BaseException:
+            os.close(descriptor)
+            raise
+        return descriptor
+    raise CLIError(f"cannot take the lock {printable(path)}: other runs keep creating it; try again")
+
+
+def _removed_if_stale(path: str) -> bool:
+    """Remove the lock file at ``path`` if the run that made it has ended; whether it is gone (in doubt: kept).
+
+    The decision is made holding the file's ``flock`` where there is one, and the file removed only if the name
+    still leads to it, so that of two runs that find one stale file, the second never removes the first's new one.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return True
+    try:
+        held = _try_flock(descriptor)
+        pid, host = _read_holder(path)
+        if held or (pid is None and _young(descriptor)):  # no pid yet: a run that created it a moment ago
+            return False
+        if pid is not None and host != socket.gethostname():
+            return False  # its host's locks may not reach this one: only it can tell
+        if held is None and pid is not None and _process_alive(pid):
+            return False  # no flock here: a live pid on this host is the mark
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(path), os.fstat(descriptor)):
+                os.remove(path)
+        return True
+    finally:
+        os.close(descriptor)  # drops the flock taken above
+
+
+def _try_flock(descriptor: int) -> Optional[bool]:
+    """True if another process holds an ``flock`` on the file; False once this one holds it; None where the file
+    system has none."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    return False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # alive, another user's; or not to be told
+        return True
+    return True
+
+
+def _young(descriptor: int) -> bool:
+    import time
+
+    return time.time() - os.fstat(descriptor).st_mtime < 10  # seconds: writing "pid host" takes far less
+
+
+def _read_holder(path: str) -> Tuple[Optional[int], str]:
+    try:
+        with open_regular(path) as file:
+            pid, host = file.read(256).decode("utf-8").split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None, ""
+
+
+def _holder(path: str) -> str:
+    pid, host = _read_holder(path)
+    if pid is None:
+        return "another process"
+    where = "" if host == socket.gethostname() else f" on {printable(host)}"
+    return f"process {pid}{where}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # clip merge
 
 
-def _find_shards(stem: str) -> Tuple[int, List[int]]:
-    """(N, the missing I) of the shards of ``stem``; ``CLIError`` if there are none or they were cut differently."""
+def _find_shards(stem: str) -> int:
+    """N, the number of shards of ``stem``; ``CLIError`` if there are none, some are missing, or they were cut in
+    different ways."""
     pattern = re.compile(re.escape(os.path.basename(stem)) + r"\.shard-(\d+)-of-(\d+)\.npy")
     found = set()
     for path in glob.glob(glob.escape(stem) + ".shard-*-of-*.npy"):
@@ -177,35 +434,85 @@ def _find_shards(stem: str) -> Tuple[int, List[int]]:
     if len(counts) > 1:
         raise CLIError(f"shards of {shown}.npy were cut in different ways (N = {', '.join(map(str, counts))}); "
                        "keep the shards of one run only")
-    return counts[0], [i for i in range(counts[0]) if (i, counts[0]) not in found]
+    count = counts[0]
+    if count > MAX_SHARDS:
+        raise CLIError(f"{shown}.shard-*-of-{count}.npy names {count} shards, more than clip embed cuts a job into "
+                       f"({MAX_SHARDS}); remove those files")
+    missing = count - sum(1 for _, n in found if n == count)
+    if missing:
+        first = list(itertools.islice((str(i) for i in range(count) if (i, count) not in found), 10))  # enough to act
+        raise CLIError(f"{missing} of {count} shards are missing (I = {', '.join(first)}{', ...' if missing > 10 else ''}"
+                       "): run clip embed with those --shard values first")
+    return count
 
 
 def _load_features(path: str) -> Any:
-    """A shard's feature matrix; ``CLIError`` naming the file if it is unreadable, truncated or not a matrix."""
+    """A shard's feature matrix; ``CLIError`` naming the file if it is not a regular file, or its header does not
+    describe the float32 matrix clip embed writes in exactly the bytes that follow it (read before any memory is
+    given to the rows, so a damaged header claiming terabytes is an error, not an allocation)."""
     import numpy as np
 
+    fix = "rerun that shard with --overwrite"
     try:
-        features = np.load(path, allow_pickle=False)
+        with open_regular(path) as file:
+            version = np.lib.format.read_magic(file)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version}, not one numpy's np.save writes for a matrix")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(file)
+            if len(shape) != 2 or dtype != np.float32 or fortran_order:
+                raise CLIError(f"{printable(path)} holds a {dtype} array of shape {shape}, not the float32 matrix "
+                               f"clip embed writes: {fix}")
+            claimed = shape[0] * shape[1] * dtype.itemsize
+            size = os.fstat(file.fileno()).st_size - file.tell()
+            if size != claimed:
+                raise CLIError(f"{printable(path)} is damaged: its header describes a {shape[0]} x {shape[1]} "
+                               f"matrix ({claimed} bytes) but {size} bytes follow it: {fix}")
+            file.seek(0)
+            return np.lib.format.read_array(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:  # what numpy raises for a truncated or foreign file
-        raise CLIError(f"cannot read {printable(path)} ({error}): rerun that shard with --overwrite") from None
-    if features.ndim != 2 or features.dtype != np.float32:
-        raise CLIError(f"{printable(path)} holds a {features.dtype} array of shape {features.shape}, not the float32 "
-                       "matrix clip embed writes: rerun that shard with --overwrite")
-    return features
+        raise CLIError(f"cannot read {printable(path)} ({printable(str(error))}): {fix}") from None
 
 
-def merge(output: str) -> Tuple[int, int, str, str]:
-    """Join the shards of ``output`` into its unsharded files: (shards, rows, features path, list path).
+def _shard_records(output: str, count: int) -> Record:
+    """The record the shards of ``output`` share (with ``shard`` None: what one unsharded run records), after
+    checking that each shard has one, for its own place, and that they were all cut from the same job."""
+    records = []
+    for index in range(count):
+        features_path, _ = output_paths(output, (index, count))
+        record = read_record(record_path(features_path))
+        if record is None:
+            raise CLIError(f"{printable(features_path)} has no record of what it was made from beside it "
+                           f"({printable(record_path(features_path))}: written by an older clip embed?): rerun that "
+                           "shard with --overwrite")
+        if record.get("shard") != f"{index}/{count}":
+            raise CLIError(f"{printable(record_path(features_path))} is the record of shard {record.get('shard')}, "
+                           f"not of {index}/{count}: rerun that shard with --overwrite")
+        records.append(record)
+    for index, record in enumerate(records[1:], 1):
+        changed = differences(records[0], record, ignore=("shard",))
+        if changed:
+            raise CLIError(f"shards 0 and {index} of {printable(output_stem(output))}.npy were not cut from the same "
+                           f"job ({'; '.join(changed)}): rerun the stale shards with the job's inputs, model and "
+                           "options (clip embed redoes a shard whose record differs), then merge")
+    computed = sorted({str(record.get("computed")) for record in records})
+    if len(computed) > 1:
+        warn(f"the shards of {printable(output_stem(output))}.npy were computed in different ways "
+             f"({', '.join(computed)}): their rows differ slightly in precision")
+    return dict(records[0], shard=None, computed=" and ".join(computed))
 
-    The caller has checked the outputs with `prepare_outputs`; existing ones are replaced.
-    """
+
+def merge(output: str, *, overwrite: bool = False) -> Optional[Tuple[int, int, str, str]]:
+    """Join the shards of ``output`` into its unsharded files: (shards, rows, features path, list path), or None
+    when those exist already, merged from the same job (nothing to do)."""
     import numpy as np
 
-    stem = output_stem(output)
-    count, missing = _find_shards(stem)
-    if missing:
-        raise CLIError(f"{len(missing)} of {count} shards are missing (I = {', '.join(map(str, missing))}): run "
-                       "clip embed with those --shard values first")
+    count = _find_shards(output_stem(output))
+    record = _shard_records(output, count)
+    merged_features, merged_list = output_paths(output, None)
+    if prepare_outputs(merged_features, merged_list, record, overwrite=overwrite, redo="merging again"):
+        return None
     features, rows = [], []
     for i in range(count):
         features_path, list_path = output_paths(output, (i, count))
@@ -220,8 +527,5 @@ def merge(output: str) -> Tuple[int, int, str, str]:
                            f"{features[0].shape[1]}: the shards were made with different models; rerun them with one")
         features.append(shard_features)
         rows += shard_rows
-    features_path, list_path = output_paths(output, None)
-    if os.path.exists(features_path):
-        os.remove(features_path)  # not finished again until the new files are both in place
-    save_outputs(features_path, list_path, np.concatenate(features), rows)
-    return count, len(rows), features_path, list_path
+    save_outputs(merged_features, merged_list, np.concatenate(features), rows, record)
+    return count, len(rows), merged_features, merged_list

@@ -1,9 +1,11 @@
-"""The release table (name, URL with its SHA-256, approximate size), the other spellings of a release name, and the
-file name of a URL. It must never import torch: the command line lists models without it.
+"""The release table (name, URL with its SHA-256, approximate size), the other spellings of a release name, the
+closest names to an unknown one, and the file name of a URL. It must never import torch: the command line lists and
+looks up models without it.
 """
+import difflib
 import posixpath
 import urllib.parse
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 # The release checkpoints. The folder in each URL is the SHA-256 of the file, which downloads are verified against.
 MODELS: Dict[str, str] = {
@@ -36,6 +38,21 @@ def release_name(name: str, models: Dict[str, str]) -> Optional[str]:
     """The key of ``models`` that ``name`` spells in another way ("vit-b-32" for "ViT-B/32"), if any."""
     wanted = normalise(name)
     return next((m for m in models if normalise(m) == wanted), None)
+
+
+def close_names(name: str, models: Dict[str, str]) -> List[str]:
+    """Up to three keys of ``models`` that ``name`` may have been meant as, closest first."""
+    spellings = {normalise(m): m for m in models}
+    # cutoff 0.5: "ViT-B/33" and "rn5o" find their release; an unrelated word finds none.
+    return [spellings[close] for close in difflib.get_close_matches(normalise(name), list(spellings), n=3, cutoff=0.5)]
+
+
+def not_found_message(name: str, models: Dict[str, str]) -> str:
+    """``load()``'s error for a name that is neither a key of ``models``, another spelling of one, nor a path."""
+    suggestion = close_names(name, models)
+    hint = f" Did you mean {' or '.join(map(repr, suggestion))}?" if suggestion else ""
+    return (f"Model {name} not found.{hint} Available models = {list(models)}; a checkpoint can also be given by "
+            f"its file path")
 
 
 def file_name(url: str) -> str:

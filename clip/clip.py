@@ -1,7 +1,6 @@
 """The original's entry points: ``_MODELS``, ``available_models``, ``load``, ``_download``, ``tokenize`` and
 ``_transform``. ``load`` must never hash a verified cached file nor use TorchScript unless ``jit=True``.
 """
-import difflib
 import os
 from typing import Any, List, Optional, Tuple, Union
 
@@ -151,12 +150,7 @@ def _checkpoint_path(name: PathLike, download_root: Optional[PathLike]) -> str:
         return _download(_MODELS[release], _cache.cache_dir(download_root))
     if _looks_like_path(name):
         raise no_checkpoint_error(name)
-    spellings = {_registry.normalise(m): m for m in _MODELS}
-    close = difflib.get_close_matches(_registry.normalise(name), list(spellings), n=3, cutoff=0.5)
-    suggestion = [spellings[c] for c in close]
-    hint = f" Did you mean {' or '.join(map(repr, suggestion))}?" if suggestion else ""
-    raise RuntimeError(f"Model {name} not found.{hint} Available models = {available_models()}; "
-                       f"a checkpoint can also be given by its file path")
+    raise RuntimeError(_registry.not_found_message(name, _MODELS))
 
 
 def _looks_like_path(name: str) -> bool:

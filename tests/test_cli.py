@@ -14,7 +14,7 @@ from PIL import Image
 
 import clip
 import clip.clip
-from clip import _cache, _cli
+from clip import _cache, _cli, _outputs, _registry
 from clip._cli import main
 from checkpoints import TINY_VIT, random_state_dict, save_state_dict
 from httpserver import LocalServer
@@ -102,10 +102,11 @@ def test_every_command_has_help(capsys, command):
 
 
 @pytest.mark.parametrize("command", ["models", "download", "verify", "classify", "embed"])
-def test_commands_take_model_device_and_download_root(capsys, command):
+def test_commands_take_model_and_download_root_and_device_where_a_model_runs(capsys, command):
     _, out, _ = run(capsys, command, "--help")
-    for option in ("--model", "--device", "--download-root"):
+    for option in ("--model", "--download-root"):
         assert option in out
+    assert ("--device" in out) == (command in ("classify", "embed"))
 
 
 def test_no_command_prints_help_and_fails(capsys):
@@ -133,7 +134,7 @@ def registry(monkeypatch, tmp_path, local_network):
             path = f"/clip/models/{hashlib.sha256(data).hexdigest()}/{file_name}"
             server.files[path] = data
             models[name] = server.url(path)
-        monkeypatch.setattr(_cli, "RELEASES", models)
+        monkeypatch.setattr(_registry, "MODELS", models)
         yield server, tmp_path / "cache", files
 
 
@@ -184,7 +185,7 @@ def test_download_all(capsys, registry):
     assert code == 0
     for name, data in files.values():
         assert (cache / name).read_bytes() == data
-        assert _cache.cached_path(_cli.RELEASES["RN50" if name == "RN50.pt" else "ViT-B/32"], cache)
+        assert _cache.cached_path(_registry.MODELS["RN50" if name == "RN50.pt" else "ViT-B/32"], cache)
 
 
 def test_download_unknown_name_suggests_close_ones(capsys, registry):
@@ -241,7 +242,7 @@ def test_verify_reports_each_file_and_fails_on_a_corrupt_one(capsys, registry):
 
 def test_cache_commands_narrow_to_the_model_option(capsys, registry):
     server, cache, files = registry
-    code, out, err = run(capsys, "download", "--model", "rn50", "--device", "cpu", "--download-root", cache)
+    code, out, err = run(capsys, "download", "--model", "rn50", "--download-root", cache)
     assert code == 0, err
     assert out.strip() == f"RN50: {cache / 'RN50.pt'}"
     assert not (cache / "ViT-B-32.pt").exists()
@@ -428,6 +429,28 @@ def _image_features(reference, paths):
     return (features / features.norm(dim=-1, keepdim=True)).numpy()
 
 
+def _listing_sha256(items):
+    """The digest a record gives an input listing, computed here independently of clip._inputs."""
+    return hashlib.sha256(b"".join(item.encode() + b"\0" for item in items)).hexdigest()
+
+
+def _record(shard, count=3, checkpoint="0" * 64):
+    return {"format": "clip embed record 1", "model": "m.pt", "checkpoint": "sha256:" + checkpoint,
+            "inputs": {"kind": "texts", "count": count, "sha256": "ab" * 32},
+            "shard": None if shard is None else f"{shard[0]}/{shard[1]}", "options": {"precision": "fp32"},
+            "computed": "float32 on cpu"}
+
+
+def _hand_made_shards(stem: pathlib.Path, shards, width=4, **record):
+    """Shards written as clip embed writes them: features (shard I holds the value I), row list and record."""
+    for index, rows in enumerate(shards):
+        name = f"{stem}.shard-{index}-of-{len(shards)}"
+        np.save(name + ".npy", np.full((len(rows), width), index, np.float32))
+        pathlib.Path(name + ".txt").write_text("".join(row + "\n" for row in rows))
+        pathlib.Path(name + ".json").write_text(json.dumps(_record((index, len(shards)), sum(map(len, shards)),
+                                                                   **record)))
+
+
 def test_embed_folder(capsys, checkpoint, reference, folder, tmp_path):
     output = tmp_path / "out" / "features.npy"
     code, out, err = _embed(capsys, checkpoint, folder, output)
@@ -440,7 +463,12 @@ def test_embed_folder(capsys, checkpoint, reference, folder, tmp_path):
     np.testing.assert_allclose(features, _image_features(reference, [folder / r for r in rows]), atol=1e-5)
     assert f"clip: warning: skipping {folder / 'broken.jpg'}: cannot read it as an image" in err
     assert "5 images embedded" in err and "1 unreadable, skipped" in err
-    assert sorted(os.listdir(tmp_path / "out")) == ["features.npy", "features.txt"]  # no temporary files left
+    # The record of what the rows were made from, and no temporary file or lock left.
+    assert sorted(os.listdir(tmp_path / "out")) == ["features.json", "features.npy", "features.txt"]
+    record = json.loads((tmp_path / "out" / "features.json").read_text())
+    assert record["inputs"] == {"kind": "images", "count": 6, "sha256": _listing_sha256(rows[:2] + ["b.png", "broken.jpg"] + rows[3:])}
+    assert record["checkpoint"] == "sha256:" + hashlib.sha256(pathlib.Path(checkpoint).read_bytes()).hexdigest()
+    assert (record["model"], record["shard"], record["options"]) == ("tiny.pt", None, {"precision": "fp32"})
 
 
 def test_embed_with_worker_processes(capsys, checkpoint, reference, folder, tmp_path):
@@ -476,7 +504,7 @@ def test_embed_shards_resume_and_merge(capsys, checkpoint, folder, tmp_path, mon
         code, _, err = _embed(capsys, checkpoint, folder, output, "--shard", f"{index}/3")
         assert code == 0, err
     assert sorted(p.name for p in tmp_path.glob("sharded.shard-*")) == [
-        f"sharded.shard-{i}-of-3.{ext}" for i in range(3) for ext in ("npy", "txt")]
+        f"sharded.shard-{i}-of-3.{ext}" for i in range(3) for ext in ("json", "npy", "txt")]
     # Six inputs (the broken one included) cut into slices of two; broken.jpg falls into shard 1.
     assert (tmp_path / "sharded.shard-1-of-3.txt").read_text().splitlines() == ["b.png"]
 
@@ -484,58 +512,60 @@ def test_embed_shards_resume_and_merge(capsys, checkpoint, folder, tmp_path, mon
     monkeypatch.setattr(clip.clip, "load", lambda *a, **k: pytest.fail("a finished shard loaded the model"))
     before = (tmp_path / "sharded.shard-0-of-3.npy").stat().st_mtime_ns
     code, _, err = _embed(capsys, checkpoint, folder, output, "--shard", "0/3")
-    assert code == 0 and "shard 0/3:" in err and "already exists; skipping" in err
+    assert code == 0 and "shard 0/3:" in err and "already exists, made from the same inputs, model and options; skipping" in err
     assert (tmp_path / "sharded.shard-0-of-3.npy").stat().st_mtime_ns == before
 
     code, _, err = run(capsys, "merge", output)
     assert code == 0, err
     assert (tmp_path / "sharded.txt").read_text() == (tmp_path / "whole.txt").read_text()
     np.testing.assert_array_equal(np.load(output), np.load(whole))
+    assert (tmp_path / "sharded.json").read_text() == (tmp_path / "whole.json").read_text()  # one run's record
 
 
 def test_embed_unfinished_shard_is_redone(capsys, checkpoint, folder, tmp_path):
     output = tmp_path / "out.npy"
+    # What a run killed before its .npy leaves: its record, and perhaps its row list.
+    (tmp_path / "out.shard-0-of-2.json").write_text(json.dumps(_record((0, 2))))
     (tmp_path / "out.shard-0-of-2.txt").write_text("left by a run that was killed before its .npy\n")
     code, _, err = _embed(capsys, checkpoint, folder, output, "--shard", "0/2")
     assert code == 0 and "embedded" in err
     assert (tmp_path / "out.shard-0-of-2.txt").read_text().splitlines() == ["a/c.JPG", "a/z/d.webp", "b.png"]
 
 
-def test_embed_more_shards_than_inputs_writes_empty_shards(capsys, checkpoint, tmp_path):
-    source = tmp_path / "one.txt"
-    source.write_text("only line\n")
-    output = tmp_path / "o.npy"
-    for index in range(3):
-        assert _embed(capsys, checkpoint, source, output, "--shard", f"{index}/3")[0] == 0
-    assert np.load(tmp_path / "o.shard-0-of-3.npy").shape == (0, TINY_VIT.embed_dim)
-    assert run(capsys, "merge", output)[0] == 0
-    assert np.load(output).shape == (1, TINY_VIT.embed_dim)
+def test_embed_more_shards_than_inputs_is_an_error_before_any_work(capsys, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(clip.clip, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    source = tmp_path / "two.txt"
+    source.write_text("a line\nanother\n")
+    code, _, err = _embed(capsys, checkpoint, source, tmp_path / "o.npy", "--shard", "0/3")
+    assert code == 1 and err == ("clip: error: --shard 0/3: 2 texts cannot be cut into 3 shards without empty ones; "
+                                 "use at most 2\n")
+    assert sorted(os.listdir(tmp_path)) == ["two.txt"]
 
 
 def test_embed_existing_output_is_kept_unless_overwrite(capsys, checkpoint, folder, tmp_path):
     output = tmp_path / "f.npy"
     assert _embed(capsys, checkpoint, folder, output)[0] == 0
-    _image(folder / "new.png", "yellow")
+    before = output.stat().st_mtime_ns
     code, _, err = _embed(capsys, checkpoint, folder, output)
-    assert code == 0 and "already exists; skipping (pass --overwrite" in err
-    assert len(np.load(output)) == 5
+    assert code == 0 and "already exists, made from the same inputs, model and options; skipping (pass --overwrite" in err
+    assert output.stat().st_mtime_ns == before
     assert _embed(capsys, checkpoint, folder, output, "--overwrite")[0] == 0
-    assert len(np.load(output)) == 6
+    assert output.stat().st_mtime_ns != before
 
 
 def test_merge_keeps_existing_outputs_unless_overwrite(capsys, tmp_path):
-    for index, rows in enumerate([["a"], ["b", "c"]]):
-        np.save(tmp_path / f"m.shard-{index}-of-2.npy", np.full((len(rows), 4), index, np.float32))
-        (tmp_path / f"m.shard-{index}-of-2.txt").write_text("".join(r + "\n" for r in rows))
+    _hand_made_shards(tmp_path / "m", [["a"], ["b", "c"]])
     assert run(capsys, "merge", tmp_path / "m.npy")[0] == 0
     np.save(tmp_path / "m.shard-0-of-2.npy", np.full((1, 4), 7, np.float32))  # a shard redone since
     code, _, err = run(capsys, "merge", tmp_path / "m.npy")
-    assert code == 0 and "already exists; skipping (pass --overwrite" in err
+    assert code == 0 and "already exists, merged from the same shards; skipping (pass --overwrite" in err
     assert np.load(tmp_path / "m.npy")[0, 0] == 0
     assert run(capsys, "merge", tmp_path / "m.npy", "--overwrite")[0] == 0
     assert np.load(tmp_path / "m.npy")[:, 0].tolist() == [7, 1, 1]
 
-    (tmp_path / "m.npy").unlink()  # the row list alone is not the output of a finished merge: never replaced
+    # A row list beside no record is not the output of a merge: never replaced.
+    (tmp_path / "m.npy").unlink()
+    (tmp_path / "m.json").unlink()
     (tmp_path / "m.txt").write_text("my rows\n")
     code, _, err = run(capsys, "merge", tmp_path / "m.npy")
     assert code == 1 and err.startswith(f"clip: error: {tmp_path / 'm.txt'} exists but") and "--overwrite" in err
@@ -609,10 +639,7 @@ def _without_torch(tmp_path) -> dict:
 
 def test_commands_that_run_no_model_start_without_torch(tmp_path):
     env = _without_torch(tmp_path)
-    np.save(tmp_path / "f.shard-0-of-2.npy", np.ones((1, 4), np.float32))
-    np.save(tmp_path / "f.shard-1-of-2.npy", np.zeros((2, 4), np.float32))
-    (tmp_path / "f.shard-0-of-2.txt").write_text("a\n")
-    (tmp_path / "f.shard-1-of-2.txt").write_text("b\nc\n")
+    _hand_made_shards(tmp_path / "f", [["a"], ["b", "c"]])
     for argv in (["--help"], ["models", "--download-root", tmp_path], ["verify", "--download-root", tmp_path],
                  ["download", "--help"], ["embed", "--help"], ["merge", tmp_path / "f.npy"], ["--version"]):
         result = subprocess.run([sys.executable, "-m", "clip", *map(str, argv)], capture_output=True, text=True,
@@ -620,9 +647,22 @@ def test_commands_that_run_no_model_start_without_torch(tmp_path):
         assert result.returncode == 0, (argv, result.stderr)
     assert (tmp_path / "f.txt").read_text() == "a\nb\nc\n"
     # The check itself holds: a command that runs a model does need torch.
-    result = subprocess.run([sys.executable, "-m", "clip", "classify", REPO / "README.md", "--labels", "x"],
-                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "clip", "classify", REPO / "assets" / "diagram.png", "--labels",
+                             "x", "--model", REPO / "README.md"], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=120)
     assert result.returncode != 0 and "torch is hidden from this test" in result.stderr
+
+
+def test_a_release_missing_from_an_offline_cache_is_reported_before_torch_is_imported(tmp_path):
+    """Item 9: the model is looked up in the cache first, so the error comes at once, not after importing torch."""
+    env = dict(_without_torch(tmp_path), CLIP_OFFLINE="1", CLIP_CACHE_DIR=str(tmp_path / "empty-cache"))
+    for argv in (["classify", REPO / "assets" / "diagram.png", "--labels", "x"],
+                 ["embed", REPO / "assets", "-o", tmp_path / "f.npy"]):
+        result = subprocess.run([sys.executable, "-m", "clip", *map(str, argv)], capture_output=True, text=True,
+                                cwd=REPO, env=env, timeout=120)
+        assert result.returncode == 1 and "torch is hidden" not in result.stderr, result.stderr
+        assert result.stderr.startswith("clip: error: ") and result.stderr.count("\n") == 1
+        assert "ViT-B-32.pt" in result.stderr and "--model PATH" in result.stderr
 
 
 def test_import_clip_is_lazy_and_keeps_the_original_names():
@@ -802,7 +842,7 @@ def test_embed_refuses_to_overwrite_either_output(capsys, checkpoint, folder, tm
     labels = tmp_path / "labels.txt"
     labels.write_text("my labels\n")
     code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "labels.npy")
-    assert code == 1 and err.startswith(f"clip: error: {labels} exists but {tmp_path / 'labels.npy'} does not")
+    assert code == 1 and err.startswith(f"clip: error: {labels} exists but without the record clip embed writes")
     assert "--overwrite" in err and labels.read_text() == "my labels\n"
     np.save(tmp_path / "alone.npy", np.zeros((1, 2), np.float32))
     code, _, err = _embed(capsys, checkpoint, folder, tmp_path / "alone.npy")
@@ -885,9 +925,7 @@ def test_classify_prints_hostile_names_safely(capsys, checkpoint, tmp_path):
 
 @pytest.mark.parametrize("damage", ["width", "truncated", "not-utf8", "escape", "not-a-matrix"])
 def test_merge_of_broken_shards_is_one_error_line(capsys, tmp_path, damage):
-    for index, rows in enumerate([["a"], ["b", "c"]]):
-        np.save(tmp_path / f"m.shard-{index}-of-2.npy", np.ones((len(rows), 4), np.float32))
-        (tmp_path / f"m.shard-{index}-of-2.txt").write_text("".join(r + "\n" for r in rows))
+    _hand_made_shards(tmp_path / "m", [["a"], ["b", "c"]])
     shard = tmp_path / "m.shard-1-of-2.npy"
     if damage == "width":
         np.save(shard, np.ones((2, 8), np.float32))
@@ -932,7 +970,7 @@ def _clip_with_file_size_limit(limit, *argv):
                           env=env, timeout=300, preexec_fn=None if limit is None else limit_file_size)
 
 
-@pytest.mark.parametrize("limit, failing", [(8192, "texts.npy"), (100, "texts.txt")])
+@pytest.mark.parametrize("limit, failing", [(8192, "texts.npy"), (1000, "texts.txt"), (100, "texts.json")])
 def test_embed_that_cannot_write_its_outputs_is_one_error_line_and_leaves_nothing(checkpoint, tmp_path, limit,
                                                                                    failing):
     source = tmp_path / "captions.txt"
@@ -947,13 +985,11 @@ def test_embed_that_cannot_write_its_outputs_is_one_error_line_and_leaves_nothin
     result = _clip_with_file_size_limit(None, *argv)
     assert result.returncode == 0, result.stderr
     assert np.load(out / "texts.npy").shape == (200, TINY_VIT.embed_dim)
-    assert sorted(os.listdir(out)) == ["texts.npy", "texts.txt"]
+    assert sorted(os.listdir(out)) == ["texts.json", "texts.npy", "texts.txt"]
 
 
 def test_merge_that_cannot_write_its_outputs_is_one_error_line_and_leaves_nothing(tmp_path):
-    for index in range(2):
-        np.save(tmp_path / f"m.shard-{index}-of-2.npy", np.ones((100, 16), np.float32))
-        (tmp_path / f"m.shard-{index}-of-2.txt").write_text("".join(f"row {n}\n" for n in range(100)))
+    _hand_made_shards(tmp_path / "m", [[f"row {n}" for n in range(100)]] * 2, width=16)
     before = sorted(os.listdir(tmp_path))
     result = _clip_with_file_size_limit(8192, "merge", tmp_path / "m.npy")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
@@ -970,7 +1006,7 @@ def test_temporary_files_of_a_killed_write_are_removed_by_the_next_run(capsys, c
     for name in left + kept:
         (tmp_path / name).write_bytes(b"half written")
     assert _embed(capsys, checkpoint, folder, tmp_path / "f.npy")[0] == 0
-    assert sorted(os.listdir(tmp_path)) == sorted(["f.npy", "f.txt", "photos", *kept])
+    assert sorted(os.listdir(tmp_path)) == sorted(["f.json", "f.npy", "f.txt", "photos", *kept])
 
 
 def test_embed_of_a_folder_where_no_image_can_be_read_fails_and_writes_nothing(capsys, checkpoint, tmp_path):

@@ -91,8 +91,13 @@ def test_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
     arm = _embed.cpu_flags(_cpuinfo(tmp_path, "fp asimd evtstrm aes sve bf16 i8mm", key="Features"))
     assert arm == frozenset({"fp", "asimd", "evtstrm", "aes", "sve", "bf16", "i8mm"})
     assert _embed.cpu_flags(str(tmp_path / "missing")) is None
-    (tmp_path / "empty").write_text("processor\t: 0\n")
+    (tmp_path / "empty").write_text("")
     assert _embed.cpu_flags(str(tmp_path / "empty")) is None
+    # RISC-V, POWER and s390x list no flags line: read, and no native bfloat16 flag known (not "not readable").
+    (tmp_path / "riscv").write_text("processor\t: 0\nhart\t\t: 0\nisa\t\t: rv64imafdc\n")
+    assert _embed.cpu_flags(str(tmp_path / "riscv")) == frozenset()
+    use, message = _embed.bf16_decision("cpu", frozenset(), force=False)
+    assert not use and "no native bfloat16 flags are known for this CPU" in message and "not readable" not in message
 
 
 @pytest.mark.parametrize("flags, native", [
@@ -204,9 +209,11 @@ def test_force_precision_runs_bf16_on_any_cpu(capsys, images, tmp_path, no_nativ
                             "--force-precision")
     assert err == ""
     assert not np.array_equal(forced, fp32) and _cosines(forced, fp32).min() > MIN_COSINE
-    # Without --precision bf16, --force-precision changes nothing.
-    same, _, _ = _run_embed(capsys, model, images, tmp_path / "same.npy", "--force-precision")
-    np.testing.assert_array_equal(same, fp32)
+    # Without --precision bf16, --force-precision would change nothing: a usage error, before any work.
+    code, _, err = run(capsys, "embed", images, "-o", tmp_path / "same.npy", "-m", model, "--force-precision")
+    assert code == 2 and err.endswith("error: --force-precision applies to --precision bf16 only; add --precision "
+                                      "bf16, or drop it\n")
+    assert not (tmp_path / "same.npy").exists()
 
 
 def test_bf16_texts(capsys, tiny_checkpoint, tmp_path, native_bf16):
