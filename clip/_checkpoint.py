@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _files
 from ._errors import CheckpointError, CheckpointNotFoundError, format_keys
 
 __all__ = ["CheckpointError", "format_keys", "is_torchscript_archive", "read_file"]
@@ -81,18 +82,12 @@ def check_regular_file(path: str) -> int:
     if stat.S_ISDIR(info.st_mode):
         raise CheckpointError(f"{path} is a directory; expected a checkpoint file")
     if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path} is not a regular file but {_file_kind(info.st_mode)}; expected a checkpoint "
+        raise CheckpointError(f"{path} is not a regular file but {_files.kind(info.st_mode)}; expected a checkpoint "
                               f"file")
     if info.st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes), probably from an interrupted download or copy; "
                               f"delete it and fetch it again")
     return info.st_size
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    return next((what for test, what in kinds if test(mode)), "a special file")
 
 
 def read_file(path: str) -> StateDict:
