@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import stat
 import sys
 import warnings
 from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence,
@@ -18,6 +17,7 @@ import torch
 from . import _outputs
 from ._console import CLIError, json_safe, printable, progress_bar, warn
 from ._inputs import IMAGE_EXTENSIONS, image_paths, list_images  # noqa: F401 (their home before _inputs)
+from ._outputs import open_regular as _open_regular  # how ImageFiles opens an image: never blocking on a FIFO
 
 # classify shows a progress bar (on a terminal) from this many images on: fewer finish before a bar means anything.
 CLASSIFY_PROGRESS_FROM = 16
@@ -45,18 +45,6 @@ def load_model(args: argparse.Namespace, checkpoint: str) -> Tuple[Any, Any, tor
     except (RuntimeError, OSError) as error:  # an unreadable file, or not a CLIP checkpoint
         raise CLIError(str(error)) from None
     return model, preprocess, next(model.parameters()).device
-
-
-def _open_regular(path: str) -> Any:
-    """A binary file object for ``path`` if it is a regular file; opening never blocks (a FIFO would)."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise OSError(f"not a regular file: {printable(path)}")
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
 
 
 class ImageFiles:

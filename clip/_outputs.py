@@ -9,17 +9,10 @@ import itertools
 import json
 import os
 import re
-import socket
-import stat
-import uuid
+import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-try:
-    import fcntl
-except ImportError:  # Windows: the lock is the file's existence alone
-    fcntl = None
-
-from . import _cache
+from . import _files
 from ._console import UNSAFE_CHARACTERS, CLIError, escape_character, printable
 
 Shard = Optional[Tuple[int, int]]
@@ -34,6 +27,10 @@ RECORD_FORMAT = "clip embed record 1"
 _INFORMATION = ("format", "model", "computed")
 # The most shards a job may be cut into: past any job array, and it keeps shard names short.
 MAX_SHARDS = 1_000_000
+# Seconds between two touches of a held output lock, and after which an untouched one is a dead run's: 20 missed
+# beats, so a run stopped for a while, or a file system's clock a little off, is not taken for dead.
+HEARTBEAT = 30
+STALE_AFTER = 600
 
 # In a row list, a backslash and every character that could split or garble a line are escaped, so that each row is
 # exactly one "\n"-terminated line whatever the text or file name holds.
@@ -202,14 +199,15 @@ def _check_writable(folder: str, longest: str) -> None:
     for a name its file system cannot hold."""
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = temporary_name(longest)
+        probe = _files.temporary_name(longest)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.remove(probe)
     except OSError as error:
         if error.errno == errno.ENAMETOOLONG:
             raise CLIError(f"the output name {printable(os.path.basename(output_stem(longest)))} is too long for its "
                            f"file system once the run's own suffixes are added (its longest file is named like "
-                           f"{printable(os.path.basename(temporary_name(longest)))}); choose a shorter --output") from None
+                           f"{printable(os.path.basename(_files.temporary_name(longest)))}); choose a shorter "
+                           "--output") from None
         raise _unwritable(folder, error) from None
 
 
@@ -218,21 +216,10 @@ def _unwritable(folder: str, error: OSError) -> CLIError:
                     "--output or fix the folder's permissions")
 
 
-def temporary_name(path: str) -> str:
-    """The name ``write_atomically`` gives the new file of ``path`` while it is written."""
-    return f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-
-
 def open_regular(path: str) -> Any:
-    """A binary file object for ``path`` if it is a regular file; opening never blocks (a FIFO would)."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
+    """A binary file object for ``path`` (or the file a link there leads to) if it is a regular file: opening it
+    never blocks, as a FIFO's would."""
+    return os.fdopen(_files.open_regular(path, follow_links=True), "rb")
 
 
 def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequence[str], record: Record) -> None:
@@ -253,7 +240,7 @@ def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequen
         if os.path.lexists(features_path):
             os.remove(features_path)
         for path, write in steps:
-            _cache.write_atomically(path, write)
+            _files.write_atomically(path, write)
             written.append(path)
     except OSError as error:
         for done in written:  # alone, they would make the rerun refuse or look finished
@@ -264,154 +251,58 @@ def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequen
 
 def _write_failure(path: str, error: OSError) -> str:
     """Why ``path`` could not be written, and what to do, in one line."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space on its disk (or choose another --output)"
-    elif error.errno == errno.EFBIG:
-        fix = "raise the file-size limit (ulimit -f), or choose an --output on a file system that allows the size"
-    else:
-        fix = "check the folder and its file system"
     cause = printable(error.strerror or str(error))
-    return f"cannot write {printable(path)}: {cause}; {fix}, then run the command again"
+    return (f"cannot write {printable(path)}: {cause}; {_files.write_advice(error)} (or choose another --output), "
+            "then run the command again")
 
 
 def remove_stale_temporaries(path: str) -> None:
-    """Remove the temporary files (``<path>.<12 hex digits>.tmp``) a killed run left while writing ``path``."""
-    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.[0-9a-f]{12}\.tmp")
-    for found in glob.glob(glob.escape(path) + ".*.tmp"):
-        if pattern.fullmatch(os.path.basename(found)):
-            with contextlib.suppress(OSError):
-                os.remove(found)
+    """Remove the temporary files a killed write of ``path`` left (``<path>.<12 hex digits>.tmp``). Called while
+    the output's lock is held: no live run is writing them."""
+    folder, name = os.path.split(path)
+    with contextlib.suppress(OSError):
+        for found in os.listdir(folder or "."):
+            if _files.is_temporary(found, name):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, found))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One writer per output
 
 
-def lock_path(features_path: str) -> str:
-    return output_stem(features_path) + ".lock"
-
-
 @contextlib.contextmanager
 def writing(features_path: str) -> Iterator[None]:
-    """Hold the lock of an output (``OUT.lock``, beside ``OUT.npy``) for the whole run; ``CLIError`` naming the
-    process and host of the run that holds it.
-
-    The lock file is created exclusively and holds ``pid host``; this process also holds an ``flock`` on it, which
-    the system drops however the process ends, so a file left by a dead run is known as such and replaced. Where
-    the file system has no ``flock`` (some network mounts), a file left by a dead process of this host is known
-    by its pid; one of another host is reported, with how to remove it. The file is removed when the run ends.
-    """
-    path = lock_path(features_path)
-    folder = os.path.dirname(os.path.abspath(path))
+    """Hold the lock of an output (``OUT.lock`` beside ``OUT.npy``, `_files.Lock`) for the whole run, so that one
+    run at a time checks, cleans up and writes it; ``CLIError`` naming the process and host of the run that holds
+    it. A thread touches the lock every `HEARTBEAT` seconds: the sign of life a run on another host, or on a file
+    system without flock, judges it by."""
+    lock = _files.Lock(output_stem(features_path), stale_after=STALE_AFTER)
+    folder = os.path.dirname(lock.path)
     try:
         os.makedirs(folder, exist_ok=True)
-        descriptor = _take_lock(path)
+        held = lock.acquire(timeout=0)
     except OSError as error:
         raise _unwritable(folder, error) from None
+    if not held:
+        raise CLIError(f"another run ({lock.holder() or 'another process'}) is writing "
+                       f"{printable(output_stem(features_path))}.npy: wait for it to finish, or choose another "
+                       "--output")
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(lock, stop), name="clip output lock", daemon=True)
+    beat.start()
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(path)  # first, while still held: a newcomer then makes a new lock, never shares this one
-        os.close(descriptor)
+        stop.set()
+        beat.join()
+        lock.release()
 
 
-def _take_lock(path: str) -> int:
-    for _ in range(3):  # a dead holder's file replaced, or a file removed under a waiter, costs one more try
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except FileExistsError:
-            if not _removed_if_stale(path):
-                raise CLIError(f"another run ({_holder(path)}) is writing {printable(path[:-len('.lock')])}.npy: wait "
-                               f"for it to finish, or choose another --output (if no run is writing it, remove "
-                               f"{printable(path)})") from None
-            continue
-        try:
-            if fcntl is not None:
-                try:  # blocking: a run checking whether this new file is stale holds its flock for an instant
-                    fcntl.flock(descriptor, fcntl.LOCK_EX)
-                except OSError:  # no flock on this file system: the pid in the file is the mark
-                    pass
-            os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode("utf-8"))
-        except BaseException:
-            os.close(descriptor)
-            raise
-        return descriptor
-    raise CLIError(f"cannot take the lock {printable(path)}: other runs keep creating it; try again")
-
-
-def _removed_if_stale(path: str) -> bool:
-    """Remove the lock file at ``path`` if the run that made it has ended; whether it is gone (in doubt: kept).
-
-    The decision is made holding the file's ``flock`` where there is one, and the file removed only if the name
-    still leads to it, so that of two runs that find one stale file, the second never removes the first's new one.
-    """
-    try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return True
-    try:
-        held = _try_flock(descriptor)
-        pid, host = _read_holder(path)
-        if held or (pid is None and _young(descriptor)):  # no pid yet: a run that created it a moment ago
-            return False
-        if pid is not None and host != socket.gethostname():
-            return False  # its host's locks may not reach this one: only it can tell
-        if held is None and pid is not None and _process_alive(pid):
-            return False  # no flock here: a live pid on this host is the mark
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.stat(path), os.fstat(descriptor)):
-                os.remove(path)
-        return True
-    finally:
-        os.close(descriptor)  # drops the flock taken above
-
-
-def _try_flock(descriptor: int) -> Optional[bool]:
-    """True if another process holds an ``flock`` on the file; False once this one holds it; None where the file
-    system has none."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
-    return False
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # alive, another user's; or not to be told
-        return True
-    return True
-
-
-def _young(descriptor: int) -> bool:
-    import time
-
-    return time.time() - os.fstat(descriptor).st_mtime < 10  # seconds: writing "pid host" takes far less
-
-
-def _read_holder(path: str) -> Tuple[Optional[int], str]:
-    try:
-        with open_regular(path) as file:
-            pid, host = file.read(256).decode("utf-8").split()
-        return int(pid), host
-    except (OSError, ValueError):
-        return None, ""
-
-
-def _holder(path: str) -> str:
-    pid, host = _read_holder(path)
-    if pid is None:
-        return "another process"
-    where = "" if host == socket.gethostname() else f" on {printable(host)}"
-    return f"process {pid}{where}"
+def _heartbeat(lock: "_files.Lock", stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT):
+        with contextlib.suppress(OSError):  # a missed beat costs nothing until STALE_AFTER
+            lock.touch()
 
 
 # ----------------------------------------------------------------------------------------------------------------
