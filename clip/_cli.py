@@ -3,7 +3,6 @@
 it imports torch: the model commands' work lives in ``clip._embed``, imported only once every check has passed.
 """
 import argparse
-import errno
 import os
 import re
 import signal
@@ -198,8 +197,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     -------
     int
         The exit status: 0 on success, 1 when the command failed (the reason is on stderr), 2 for usage errors,
-        130 when interrupted.
+        130 when interrupted, 141 (`CLOSED_PIPE`) when the reader of its output went away, with nothing said.
     """
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
+    except BrokenPipeError:  # the reader went away (clip models | head -1): what it wanted, it has read
+        _quiet_closed_pipe()
+        return CLOSED_PIPE
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -217,14 +226,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("clip: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (clip models | head -1): what was wanted has been read
-        _quiet_closed_pipe()
-        return CLOSED_PIPE
-    except OSError as error:
-        if error.errno != errno.EPIPE:
-            raise
-        _quiet_closed_pipe()
-        return CLOSED_PIPE
 
 
 def error_line(message: str) -> str:

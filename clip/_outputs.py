@@ -13,7 +13,7 @@ import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import _files
-from ._console import UNSAFE_CHARACTERS, CLIError, escape_character, printable
+from ._console import UNSAFE_CHARACTERS, CLIError, escape_character, printable, warn
 
 Shard = Optional[Tuple[int, int]]
 Record = Dict[str, Any]
@@ -166,7 +166,7 @@ def prepare_outputs(features_path: str, list_path: str, record: Record, *, overw
         if os.path.exists(path) and any(os.path.exists(item) and os.path.samefile(path, item) for item in inputs):
             raise CLIError(f"--output {printable(features_path)} would overwrite the input {printable(path)}; "
                            "choose another output name")
-    _check_writable(os.path.dirname(os.path.abspath(features_path)), max(paths, key=len))
+    _check_writable(features_path, max(paths, key=len))
     old = read_record(paths[2])
     present = [path for path in paths if os.path.exists(path)]
     if not overwrite and old is None and present:
@@ -193,10 +193,11 @@ def _join(paths: Sequence[str]) -> str:
     return " and ".join(map(printable, paths))
 
 
-def _check_writable(folder: str, longest: str) -> None:
+def _check_writable(features_path: str, longest: str) -> None:
     """Create ``folder`` if needed, then create and remove the longest name the run will create there (the
     temporary name of its longest output), so that a run never fails after its work for want of permission or
     for a name its file system cannot hold."""
+    folder = os.path.dirname(os.path.abspath(features_path))
     try:
         os.makedirs(folder, exist_ok=True)
         probe = _files.temporary_name(longest)
@@ -204,7 +205,7 @@ def _check_writable(folder: str, longest: str) -> None:
         os.remove(probe)
     except OSError as error:
         if error.errno == errno.ENAMETOOLONG:
-            raise CLIError(f"the output name {printable(os.path.basename(output_stem(longest)))} is too long for its "
+            raise CLIError(f"the output name {printable(os.path.basename(features_path))} is too long for its "
                            f"file system once the run's own suffixes are added (its longest file is named like "
                            f"{printable(os.path.basename(_files.temporary_name(longest)))}); choose a shorter "
                            "--output") from None
