@@ -18,10 +18,9 @@ import sys
 import time
 import warnings
 
-import filelock
 import pytest
 
-from clip import _cache, _http, _registry
+from clip import _cache, _files, _http, _registry
 from clip._cache import DownloadError
 from httpserver import LocalServer
 
@@ -180,7 +179,7 @@ def test_fresh_download_is_verified_and_recorded(server, sandbox):
     record = json.loads(pathlib.Path(target + ".sha256.json").read_text())
     status = os.stat(target)
     assert record == {"file": "ViT-X.pt", "sha256": sha(data), "size": SIZE, "mtime_ns": status.st_mtime_ns}
-    assert sorted(os.listdir(sandbox)) == ["ViT-X.pt", "ViT-X.pt.lock", "ViT-X.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["ViT-X.pt", "ViT-X.pt.sha256.json"]
     assert len(gets(server, path)) == 1
     assert _cache.cached_path(url) == target
 
@@ -331,7 +330,7 @@ def test_always_truncated_body_fails_and_leaves_no_file(server, sandbox, sleeps)
     assert url in message and "1000 of 300000 bytes" in message and str(sandbox) in message
     assert len(gets(server, path)) == RETRIES + 1
     assert sleeps == [BACKOFF, 2 * BACKOFF, 4 * BACKOFF]
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]  # no final file, no useless partial
+    assert os.listdir(sandbox) == []  # no final file, no useless partial
 
 
 def test_broken_download_keeps_resumable_partial_for_next_call(server, sandbox):
@@ -359,7 +358,7 @@ def test_wrong_bytes_fail_with_both_hashes(server, sandbox):
     assert f"expected {sha(expected)}, got {sha(served)}" in message
     assert "300000 bytes received" in message and server.url(path) in message
     assert len(gets(server, path)) == 1  # wrong bytes are not worth a retry from the same source
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]
+    assert os.listdir(sandbox) == []
 
 
 @pytest.mark.parametrize("status", [503, 500, 502, 504, 429, 408])
@@ -581,7 +580,7 @@ def test_disk_error_fails_clearly_and_cleans_up(server, sandbox, monkeypatch):
     monkeypatch.setattr(_http.Sink, "append", disk_full)
     with pytest.raises(DownloadError, match="could not write model.pt into .*No space left on device"):
         _cache.download(url)
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]
+    assert os.listdir(sandbox) == []
     assert len(server.requests) == 1  # a local error is not retried
 
 
@@ -671,7 +670,7 @@ def test_four_processes_make_one_download(server, sandbox, tmp_path):
     assert {out.strip() for out, _ in outputs} == {str(sandbox / "model.pt")}
     assert len(gets(server, path)) == 1
     assert (sandbox / "model.pt").read_bytes() == data
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
 
 
 KILLED = PRELUDE + r"""
@@ -746,11 +745,11 @@ def test_a_stopped_download_is_fetched_by_the_waiter_and_the_holder_resumes_harm
     assert target.stat().st_ino == placed and target.read_bytes() == data  # put in place once, by the waiter
     assert _cache.cached_path(url) == str(target)  # its record vouches for it: nothing to hash again
     assert [check.ok for check in _cache.verify_cache()] == [True]
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
     assert len(gets(server, path)) == 2
 
 
-OWN_PARTIAL = re.compile(r"model\.pt\.[0-9a-f]{12}\.partial")
+OWN_PARTIAL = re.compile(r"model\.pt\.[0-9a-f]{12}\.tmp")
 
 
 def age(path: pathlib.Path, seconds: float) -> None:
@@ -764,11 +763,11 @@ def test_the_next_download_removes_an_abandoned_own_partial_and_nothing_else(ser
     data = payload()
     url, _ = publish(server, data)
     target = pathlib.Path(_cache.download(url))
-    abandoned = sandbox / "model.pt.0123456789ab.partial"
-    fresh = sandbox / "model.pt.ba9876543210.partial"  # just made: its waiter may not have locked it yet
-    others = [sandbox / name for name in ("model.pt.partial", "other.pt.0123456789ab.partial",
-                                          "model.pt.0123456789ab.partial.bak", "model.pt.0123456789.partial",
-                                          "model.pt2.0123456789ab.partial")]
+    abandoned = sandbox / "model.pt.0123456789ab.tmp"
+    fresh = sandbox / "model.pt.ba9876543210.tmp"  # just made: its waiter may not have locked it yet
+    others = [sandbox / name for name in ("model.pt.partial", "other.pt.0123456789ab.tmp",
+                                          "model.pt.0123456789ab.tmp.bak", "model.pt.0123456789.tmp",
+                                          "model.pt2.0123456789ab.tmp")]
     for path in [abandoned, fresh] + others:
         path.write_bytes(b"x" * 1000)
         if path != fresh:
@@ -786,8 +785,8 @@ def test_a_waiters_own_partial_is_kept_while_it_lives_and_removed_once_it_is_kil
     url, path = publish(server, data)
     server.add_fault(path, "pause", 100_000, seconds=60)  # the waiter's transfer: a third, then a stall
     sandbox.mkdir(parents=True, exist_ok=True)
-    stalled_holder = filelock.FileLock(str(sandbox / "model.pt.lock"))
-    stalled_holder.acquire()  # held, with no progress: the waiter soon fetches into a file of its own
+    stalled_holder = _files.Lock(sandbox / "model.pt", stale_after=60)
+    assert stalled_holder.acquire(0)  # held, with no progress: the waiter soon fetches into a file of its own
     try:
         waiter = subprocess.Popen([sys.executable, "-c", DOWNLOAD, MODULE, url], cwd=REPO,
                                   env=child_env(CLIP_DOWNLOAD_STALL_TIMEOUT="1"), stdout=subprocess.DEVNULL,
@@ -808,7 +807,7 @@ def test_a_waiters_own_partial_is_kept_while_it_lives_and_removed_once_it_is_kil
     finally:
         stalled_holder.release()
     assert pathlib.Path(_cache.download(url)).read_bytes() == data
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
 
 
 def test_a_waiter_says_once_whom_it_waits_for_during_a_healthy_shared_download(server, sandbox):
@@ -874,7 +873,6 @@ def test_read_only_cache_with_verified_file_loads_without_writing(server, shared
     url, _ = publish(server, data)
     monkeypatch.setenv("CLIP_CACHE_DIR", shared_folder)
     target = _cache.download(url)  # the cache's owner fills it
-    os.remove(target + ".lock")
     before = listing(shared_folder)
     assert run_without_write_access(shared_folder, url).stdout.strip() == target  # warnings would be errors
     assert listing(shared_folder) == before  # no lock, no record, nothing
@@ -1039,7 +1037,7 @@ def test_links_and_special_files_are_never_followed_nor_reused(server, sandbox, 
     assert pathlib.Path(target).read_bytes() == data
     for entry in os.scandir(sandbox):  # the final file, its record and the lock: plain files of their own
         assert entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_nlink == 1, entry.name
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
     assert _cache.cached_path(url) == target
     assert len(gets(server, path)) == 1
     assert not os.path.lexists(tmp_path / "nowhere")  # a dangling link was not written through
@@ -1060,7 +1058,7 @@ def test_a_link_to_the_right_bytes_is_still_replaced_at_the_partial_and_lock_nam
         target = _cache.download(url)
     assert pathlib.Path(target).read_bytes() == data
     assert "Range" not in gets(server, path)[0] and len(gets(server, path)) == 1  # fetched whole, nothing reused
-    assert not os.path.islink(sandbox / name) if os.path.lexists(sandbox / name) else name.endswith(".partial")
+    assert not os.path.lexists(sandbox / name)  # both exist only while a download runs: the link is gone
     assert shared.read_bytes() == data and os.stat(shared).st_mtime_ns == before.st_mtime_ns
 
 
@@ -1097,7 +1095,7 @@ def test_entries_another_user_planted_in_a_shared_folder(server, tmp_path, name,
     if name.endswith(".sha256.json"):  # only the record could not be written: the file is used, and hashed
         assert done.stdout.strip() == str(shared / "model.pt") and (shared / "model.pt").read_bytes() == data
         assert "no record of that can be written" in done.stderr
-        assert sorted(os.listdir(shared)) == ["model.pt", "model.pt.lock", name]
+        assert sorted(os.listdir(shared)) == ["model.pt", name]
         return
     out = done.stdout
     assert out.startswith("DownloadError:") and str(planted) in out, out
@@ -1333,7 +1331,7 @@ def test_a_body_past_the_release_size_bound_is_cut_off(server, sandbox, monkeypa
     server.content_length = with_length
     with pytest.raises(DownloadError, match="more than 110000 bytes, more than model.pt can have"):
         _cache.download(server.url(path))
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]  # nothing past the bound kept to resume
+    assert os.listdir(sandbox) == []  # nothing past the bound kept to resume
     assert len(gets(server, path)) == 1  # a bound is not retried
 
 
@@ -1429,35 +1427,14 @@ def test_paths_work_wherever_strings_do(server, monkeypatch, tmp_path):
     assert len(server.requests) == 1
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
-def test_write_atomically_replaces_a_link_syncs_and_never_leaves_half_a_file(tmp_path, monkeypatch):
-    victim = tmp_path / "victim"
-    victim.write_bytes(VICTIM)
-    out = tmp_path / "out.txt"
-    os.symlink(victim, out)
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size) or real_fsync(fd))
-    _cache.write_atomically(out, lambda file: file.write(b"new"))
-    assert victim.read_bytes() == VICTIM and not out.is_symlink() and out.read_bytes() == b"new"
-    assert synced == [3]  # the bytes reach the disk before the name points at them
-
-    def fails(file):
-        file.write(b"half")
-        raise ValueError("the writer failed")
-
-    with pytest.raises(ValueError):
-        _cache.write_atomically(str(out), fails)
-    assert out.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["out.txt", "victim"]
-
-
 def test_the_layers_import_one_way_and_without_torch():
-    """_http knows nothing of the cache; _cache needs only _http, _registry and _errors; neither imports torch."""
+    """_http knows nothing of the cache; _cache needs only _files, _http, _registry and _errors; none imports torch."""
     code = ("import sys, types; package = types.ModuleType('clip'); package.__path__ = [sys.argv[1]]; "
             "sys.modules['clip'] = package; import importlib; importlib.import_module(sys.argv[2]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('clip', 'torch')))")
     for module, loaded in (("clip._http", ["clip", "clip._http", "clip._registry"]),
-                           ("clip._cache", ["clip", "clip._cache", "clip._errors", "clip._http", "clip._registry"])):
+                           ("clip._cache", ["clip", "clip._cache", "clip._errors", "clip._files", "clip._http",
+                                            "clip._registry"])):
         done = subprocess.run([sys.executable, "-c", code, str(REPO / "clip"), module], capture_output=True,
                               text=True, timeout=60, check=True)
         assert done.stdout.strip() == str(loaded)
