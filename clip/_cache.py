@@ -171,7 +171,8 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
         raise DownloadError(str(error)) from None
     if offline is not None:
         raise DownloadError(_offline_message(offline, label, target, expected, sources, found))
-    lock = _files.Lock(target, stale_after=settings.stall_timeout)
+    # A holder silent for one stall timeout is bypassed (it may only be stopped); for two, its lock is a dead one's.
+    lock = _files.Lock(target, stale_after=2 * settings.stall_timeout)
     with lock:
         held = _hold(lock, target, f"{label} {found.state(expected)}", settings.stall_timeout)
         if _record_matches(target, expected, _find(target)):

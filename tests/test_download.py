@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -604,6 +605,8 @@ def test_offline_makes_no_request_and_says_what_to_do(server, sandbox, monkeypat
                  "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}", "clip.load(PATH)", "--model PATH"):
         assert part in message
     assert "))" not in message and "download_root" not in message and "CLIP_CACHE_DIR" not in message
+    lines = message.splitlines()
+    assert len(lines) == 3 and "clip.load(PATH)" in lines[1] and sha(data) in lines[2], message
     assert server.requests == []
     assert not sandbox.exists()
 
@@ -764,17 +767,19 @@ def test_the_next_download_removes_an_abandoned_own_partial_and_nothing_else(ser
     url, _ = publish(server, data)
     target = pathlib.Path(_cache.download(url))
     abandoned = sandbox / "model.pt.0123456789ab.tmp"
+    skewed = sandbox / "model.pt.fedcba987654.tmp"  # dated a day ahead by another host's clock: not young either
     fresh = sandbox / "model.pt.ba9876543210.tmp"  # just made: its waiter may not have locked it yet
     others = [sandbox / name for name in ("model.pt.partial", "other.pt.0123456789ab.tmp",
                                           "model.pt.0123456789ab.tmp.bak", "model.pt.0123456789.tmp",
                                           "model.pt2.0123456789ab.tmp")]
-    for path in [abandoned, fresh] + others:
+    for path in [abandoned, skewed, fresh] + others:
         path.write_bytes(b"x" * 1000)
         if path != fresh:
             age(path, 2 * _cache.ABANDONED_AFTER)
     age(fresh, _cache.ABANDONED_AFTER / 2)
+    age(skewed, -86_400)
     assert _cache.download(url) == str(target)
-    assert not abandoned.exists()
+    assert not abandoned.exists() and not skewed.exists()
     assert fresh.exists() and all(path.exists() for path in others)
     assert target.read_bytes() == data
 
@@ -808,6 +813,79 @@ def test_a_waiters_own_partial_is_kept_while_it_lives_and_removed_once_it_is_kil
         stalled_holder.release()
     assert pathlib.Path(_cache.download(url)).read_bytes() == data
     assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
+
+
+# Two hosts sharing a cache on a file system whose flock excludes nobody (NFS with host-local locks): each child
+# calls itself another host, and flock does nothing in it.
+OTHER_HOST = PRELUDE + r"""
+import socket
+from clip import _files
+socket.gethostname = lambda: args[1]
+class NoFlock:
+    LOCK_EX, LOCK_SH, LOCK_NB = 2, 1, 4
+    flock = staticmethod(lambda descriptor, operation: None)
+_files.fcntl = NoFlock
+print(_cache.download(args[0]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process handling")
+def test_two_hosts_whose_flock_excludes_nobody_make_one_download(server, sandbox):
+    data = payload()
+    url, path = publish(server, data)
+    server.add_fault(path, "pause", 100_000, seconds=1.0)  # the first holds the lock while the second arrives
+    first = subprocess.Popen([sys.executable, "-c", OTHER_HOST, MODULE, url, "node-a"], cwd=REPO, env=child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (sandbox / "model.pt.partial").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.01)
+    second = subprocess.run([sys.executable, "-c", OTHER_HOST, MODULE, url, "node-b"], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
+    assert out.strip() == second.stdout.strip() == str(sandbox / "model.pt")
+    assert f"clip: waiting for process {first.pid} on node-a" in second.stderr
+    assert (sandbox / "model.pt").read_bytes() == data and len(gets(server, path)) == 1
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
+
+
+def test_a_dead_hosts_lock_is_cleared_at_once_and_a_live_ones_waited_for(server, sandbox, monkeypatch, capfd):
+    """A marker another host left when it died blocks nobody; a fresh one is waited for, then bypassed."""
+    data = payload()
+    url, path = publish(server, data)
+    sandbox.mkdir()
+    marker = sandbox / "model.pt.lock"
+    marker.write_text("4242 node-gone\n")
+    age(marker, 300)  # untouched for five minutes: past twice the 60 s stall bound
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert "waiting" not in capfd.readouterr().err and not marker.exists()
+    os.remove(sandbox / "model.pt")
+    marker.write_text("4242 node-busy\n")  # fresh: its holder may be downloading right now
+    monkeypatch.setenv("CLIP_DOWNLOAD_STALL_TIMEOUT", "1")
+    with pytest.warns(UserWarning, match="process 4242 on node-busy, which holds .* has added nothing"):
+        assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert "clip: waiting for process 4242 on node-busy" in capfd.readouterr().err
+    assert marker.exists()  # not this process's to remove
+
+
+def test_a_thread_waiting_for_another_thread_does_not_name_its_own_process(server, sandbox, capsys):
+    data = payload()
+    url, path = publish(server, data)
+    server.add_fault(path, "pause", 100_000, seconds=1.0)
+    results = []
+    first = threading.Thread(target=lambda: results.append(_cache.download(url)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not (sandbox / "model.pt.partial").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    results.append(_cache.download(url))
+    first.join()
+    assert results == [str(sandbox / "model.pt")] * 2 and len(gets(server, path)) == 1
+    said = capsys.readouterr().err
+    assert "clip: waiting for another thread of this process, which is downloading model.pt" in said
+    assert f"process {os.getpid()}" not in said
 
 
 def test_a_waiter_says_once_whom_it_waits_for_during_a_healthy_shared_download(server, sandbox):
@@ -904,6 +982,39 @@ def test_read_only_cache_without_a_good_file_says_so(server, shared_folder, pres
     assert "download_root" in out and "CLIP_CACHE_DIR" in out
     assert ("is not in the cache" in out) if not present else (sha(present) in out)
     assert listing(shared_folder) == before and server.requests == []
+
+
+UNSEARCHABLE = PRELUDE + r"""
+package.__version__ = "0"  # the real package's __init__ (and its torch import) is skipped here
+from clip import _cli
+for call in (lambda: _cache.cached_path(args[0]), _cache.verify_cache):
+    try:
+        print("returned", call())
+    except _cache.DownloadError as error:
+        print("DownloadError:", error)
+print("models exit", _cli.main(["models"]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_a_cache_folder_without_search_permission_says_so(server, shared_folder, monkeypatch):
+    """Readable but not searchable (mode r--): neither "not cached" nor "delete the record" (which cannot be done)."""
+    url, _ = publish(server, payload())
+    monkeypatch.setenv("CLIP_CACHE_DIR", shared_folder)
+    _cache.download(url)
+    prefix = ROOT_WITHOUT_OVERRIDES if os.geteuid() == 0 else []
+    if prefix and shutil.which("setpriv") is None:
+        pytest.skip("as root, needs setpriv to give up the capabilities that ignore permissions")
+    os.chmod(shared_folder, 0o644)
+    try:
+        done = subprocess.run(prefix + [sys.executable, "-c", UNSEARCHABLE, MODULE, url], cwd=REPO, timeout=120,
+                              env=child_env(CLIP_CACHE_DIR=shared_folder), capture_output=True, text=True)
+    finally:
+        os.chmod(shared_folder, 0o755)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and said.count("Permission denied; give this user search permission on the folder "
+                                               f"(chmod u+x {shared_folder})") == 3, said
+    assert "not cached" not in said and "delete" not in said and "models exit 1" in said, said
 
 
 # ---------------------------------------------------------------------------------------------------------------
