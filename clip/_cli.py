@@ -278,10 +278,14 @@ def _format_size(size: Optional[float]) -> str:
 
 def _cache_status(url: str, path: str, root: Optional[str]) -> str:
     try:
-        if _cache.cached_path(url, root) is not None:
-            return "verified"
+        _cache.sha256_from_url(url)
     except _cache.DownloadError:  # a registry entry whose URL carries no hash: nothing to verify against
         return "cached, no hash to verify" if os.path.isfile(path) else "not cached"
+    try:
+        if _cache.cached_path(url, root) is not None:
+            return "verified"
+    except _cache.DownloadError as error:  # the folder cannot be looked into: its cause, not "not cached"
+        raise CLIError(str(error)) from None
     if os.path.isfile(path):
         return "cached, not verified yet (verified on first load or by 'clip download')"
     return "not cached"

@@ -19,8 +19,8 @@ try:
 except ImportError:  # Windows: no flock; a lock's holder is then judged by its process and its heartbeat
     fcntl = None
 
-__all__ = ["Holder", "Lock", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "is_temporary", "kind",
-           "open_regular", "temporary_name", "write_advice", "write_atomically"]
+__all__ = ["Holder", "Lock", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "file_system_now",
+           "is_temporary", "kind", "open_regular", "temporary_name", "try_flock", "write_advice", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -250,7 +250,7 @@ class Lock:
             return None
         try:
             status = os.fstat(descriptor)
-            flocked = _try_flock(descriptor)  # held while the marker is judged and cleared: one clearer at a time
+            flocked = try_flock(descriptor)  # held while the marker is judged and cleared: one clearer at a time
             if flocked is not False and not self._alive(descriptor, status, flocked):
                 if _same_file(self.path, status):
                     os.remove(self.path)
@@ -265,10 +265,10 @@ class Lock:
             if holder.this_process:
                 return self.path in _HELD
             return flocked is None and _process_lives(holder.pid)  # flock works here: no process holds it
-        return abs(_file_system_now(os.path.dirname(self.path)) - status.st_mtime) < self.stale_after
+        return abs(file_system_now(os.path.dirname(self.path)) - status.st_mtime) < self.stale_after
 
 
-def _try_flock(descriptor: int) -> Optional[bool]:
+def try_flock(descriptor: int) -> Optional[bool]:
     """True once this descriptor holds the flock, False while another does, None where flock fails."""
     if fcntl is None:
         return None
@@ -310,7 +310,7 @@ def _process_lives(pid: int) -> bool:
     return True
 
 
-def _file_system_now(folder: str) -> float:
+def file_system_now(folder: str) -> float:
     """The time by the clock that dates files in ``folder`` (another host's, on a network share)."""
     probe = temporary_name(os.path.join(folder, "clock"))
     try:

@@ -15,13 +15,13 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
-import filelock
 import pytest
 
-from clip import _cache, _http, _registry
+from clip import _cache, _files, _http, _registry
 from clip._cache import DownloadError
 from httpserver import LocalServer
 
@@ -180,7 +180,7 @@ def test_fresh_download_is_verified_and_recorded(server, sandbox):
     record = json.loads(pathlib.Path(target + ".sha256.json").read_text())
     status = os.stat(target)
     assert record == {"file": "ViT-X.pt", "sha256": sha(data), "size": SIZE, "mtime_ns": status.st_mtime_ns}
-    assert sorted(os.listdir(sandbox)) == ["ViT-X.pt", "ViT-X.pt.lock", "ViT-X.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["ViT-X.pt", "ViT-X.pt.sha256.json"]
     assert len(gets(server, path)) == 1
     assert _cache.cached_path(url) == target
 
@@ -331,7 +331,7 @@ def test_always_truncated_body_fails_and_leaves_no_file(server, sandbox, sleeps)
     assert url in message and "1000 of 300000 bytes" in message and str(sandbox) in message
     assert len(gets(server, path)) == RETRIES + 1
     assert sleeps == [BACKOFF, 2 * BACKOFF, 4 * BACKOFF]
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]  # no final file, no useless partial
+    assert os.listdir(sandbox) == []  # no final file, no useless partial
 
 
 def test_broken_download_keeps_resumable_partial_for_next_call(server, sandbox):
@@ -359,7 +359,7 @@ def test_wrong_bytes_fail_with_both_hashes(server, sandbox):
     assert f"expected {sha(expected)}, got {sha(served)}" in message
     assert "300000 bytes received" in message and server.url(path) in message
     assert len(gets(server, path)) == 1  # wrong bytes are not worth a retry from the same source
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]
+    assert os.listdir(sandbox) == []
 
 
 @pytest.mark.parametrize("status", [503, 500, 502, 504, 429, 408])
@@ -581,7 +581,7 @@ def test_disk_error_fails_clearly_and_cleans_up(server, sandbox, monkeypatch):
     monkeypatch.setattr(_http.Sink, "append", disk_full)
     with pytest.raises(DownloadError, match="could not write model.pt into .*No space left on device"):
         _cache.download(url)
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]
+    assert os.listdir(sandbox) == []
     assert len(server.requests) == 1  # a local error is not retried
 
 
@@ -605,6 +605,8 @@ def test_offline_makes_no_request_and_says_what_to_do(server, sandbox, monkeypat
                  "http://127.0.0.1:1/m/ViT-T-1.pt", f"unset {variable}", "clip.load(PATH)", "--model PATH"):
         assert part in message
     assert "))" not in message and "download_root" not in message and "CLIP_CACHE_DIR" not in message
+    lines = message.splitlines()
+    assert len(lines) == 3 and "clip.load(PATH)" in lines[1] and sha(data) in lines[2], message
     assert server.requests == []
     assert not sandbox.exists()
 
@@ -671,7 +673,7 @@ def test_four_processes_make_one_download(server, sandbox, tmp_path):
     assert {out.strip() for out, _ in outputs} == {str(sandbox / "model.pt")}
     assert len(gets(server, path)) == 1
     assert (sandbox / "model.pt").read_bytes() == data
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
 
 
 KILLED = PRELUDE + r"""
@@ -746,11 +748,11 @@ def test_a_stopped_download_is_fetched_by_the_waiter_and_the_holder_resumes_harm
     assert target.stat().st_ino == placed and target.read_bytes() == data  # put in place once, by the waiter
     assert _cache.cached_path(url) == str(target)  # its record vouches for it: nothing to hash again
     assert [check.ok for check in _cache.verify_cache()] == [True]
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
     assert len(gets(server, path)) == 2
 
 
-OWN_PARTIAL = re.compile(r"model\.pt\.[0-9a-f]{12}\.partial")
+OWN_PARTIAL = re.compile(r"model\.pt\.[0-9a-f]{12}\.tmp")
 
 
 def age(path: pathlib.Path, seconds: float) -> None:
@@ -764,18 +766,20 @@ def test_the_next_download_removes_an_abandoned_own_partial_and_nothing_else(ser
     data = payload()
     url, _ = publish(server, data)
     target = pathlib.Path(_cache.download(url))
-    abandoned = sandbox / "model.pt.0123456789ab.partial"
-    fresh = sandbox / "model.pt.ba9876543210.partial"  # just made: its waiter may not have locked it yet
-    others = [sandbox / name for name in ("model.pt.partial", "other.pt.0123456789ab.partial",
-                                          "model.pt.0123456789ab.partial.bak", "model.pt.0123456789.partial",
-                                          "model.pt2.0123456789ab.partial")]
-    for path in [abandoned, fresh] + others:
+    abandoned = sandbox / "model.pt.0123456789ab.tmp"
+    skewed = sandbox / "model.pt.fedcba987654.tmp"  # dated a day ahead by another host's clock: not young either
+    fresh = sandbox / "model.pt.ba9876543210.tmp"  # just made: its waiter may not have locked it yet
+    others = [sandbox / name for name in ("model.pt.partial", "other.pt.0123456789ab.tmp",
+                                          "model.pt.0123456789ab.tmp.bak", "model.pt.0123456789.tmp",
+                                          "model.pt2.0123456789ab.tmp")]
+    for path in [abandoned, skewed, fresh] + others:
         path.write_bytes(b"x" * 1000)
         if path != fresh:
             age(path, 2 * _cache.ABANDONED_AFTER)
     age(fresh, _cache.ABANDONED_AFTER / 2)
+    age(skewed, -86_400)
     assert _cache.download(url) == str(target)
-    assert not abandoned.exists()
+    assert not abandoned.exists() and not skewed.exists()
     assert fresh.exists() and all(path.exists() for path in others)
     assert target.read_bytes() == data
 
@@ -786,8 +790,8 @@ def test_a_waiters_own_partial_is_kept_while_it_lives_and_removed_once_it_is_kil
     url, path = publish(server, data)
     server.add_fault(path, "pause", 100_000, seconds=60)  # the waiter's transfer: a third, then a stall
     sandbox.mkdir(parents=True, exist_ok=True)
-    stalled_holder = filelock.FileLock(str(sandbox / "model.pt.lock"))
-    stalled_holder.acquire()  # held, with no progress: the waiter soon fetches into a file of its own
+    stalled_holder = _files.Lock(sandbox / "model.pt", stale_after=60)
+    assert stalled_holder.acquire(0)  # held, with no progress: the waiter soon fetches into a file of its own
     try:
         waiter = subprocess.Popen([sys.executable, "-c", DOWNLOAD, MODULE, url], cwd=REPO,
                                   env=child_env(CLIP_DOWNLOAD_STALL_TIMEOUT="1"), stdout=subprocess.DEVNULL,
@@ -808,7 +812,80 @@ def test_a_waiters_own_partial_is_kept_while_it_lives_and_removed_once_it_is_kil
     finally:
         stalled_holder.release()
     assert pathlib.Path(_cache.download(url)).read_bytes() == data
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
+
+
+# Two hosts sharing a cache on a file system whose flock excludes nobody (NFS with host-local locks): each child
+# calls itself another host, and flock does nothing in it.
+OTHER_HOST = PRELUDE + r"""
+import socket
+from clip import _files
+socket.gethostname = lambda: args[1]
+class NoFlock:
+    LOCK_EX, LOCK_SH, LOCK_NB = 2, 1, 4
+    flock = staticmethod(lambda descriptor, operation: None)
+_files.fcntl = NoFlock
+print(_cache.download(args[0]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process handling")
+def test_two_hosts_whose_flock_excludes_nobody_make_one_download(server, sandbox):
+    data = payload()
+    url, path = publish(server, data)
+    server.add_fault(path, "pause", 100_000, seconds=1.0)  # the first holds the lock while the second arrives
+    first = subprocess.Popen([sys.executable, "-c", OTHER_HOST, MODULE, url, "node-a"], cwd=REPO, env=child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (sandbox / "model.pt.partial").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.01)
+    second = subprocess.run([sys.executable, "-c", OTHER_HOST, MODULE, url, "node-b"], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
+    assert out.strip() == second.stdout.strip() == str(sandbox / "model.pt")
+    assert f"clip: waiting for process {first.pid} on node-a" in second.stderr
+    assert (sandbox / "model.pt").read_bytes() == data and len(gets(server, path)) == 1
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
+
+
+def test_a_dead_hosts_lock_is_cleared_at_once_and_a_live_ones_waited_for(server, sandbox, monkeypatch, capfd):
+    """A marker another host left when it died blocks nobody; a fresh one is waited for, then bypassed."""
+    data = payload()
+    url, path = publish(server, data)
+    sandbox.mkdir()
+    marker = sandbox / "model.pt.lock"
+    marker.write_text("4242 node-gone\n")
+    age(marker, 300)  # untouched for five minutes: past twice the 60 s stall bound
+    assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert "waiting" not in capfd.readouterr().err and not marker.exists()
+    os.remove(sandbox / "model.pt")
+    marker.write_text("4242 node-busy\n")  # fresh: its holder may be downloading right now
+    monkeypatch.setenv("CLIP_DOWNLOAD_STALL_TIMEOUT", "1")
+    with pytest.warns(UserWarning, match="process 4242 on node-busy, which holds .* has added nothing"):
+        assert pathlib.Path(_cache.download(url)).read_bytes() == data
+    assert "clip: waiting for process 4242 on node-busy" in capfd.readouterr().err
+    assert marker.exists()  # not this process's to remove
+
+
+def test_a_thread_waiting_for_another_thread_does_not_name_its_own_process(server, sandbox, capsys):
+    data = payload()
+    url, path = publish(server, data)
+    server.add_fault(path, "pause", 100_000, seconds=1.0)
+    results = []
+    first = threading.Thread(target=lambda: results.append(_cache.download(url)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not (sandbox / "model.pt.partial").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    results.append(_cache.download(url))
+    first.join()
+    assert results == [str(sandbox / "model.pt")] * 2 and len(gets(server, path)) == 1
+    said = capsys.readouterr().err
+    assert "clip: waiting for another thread of this process, which is downloading model.pt" in said
+    assert f"process {os.getpid()}" not in said
 
 
 def test_a_waiter_says_once_whom_it_waits_for_during_a_healthy_shared_download(server, sandbox):
@@ -874,7 +951,6 @@ def test_read_only_cache_with_verified_file_loads_without_writing(server, shared
     url, _ = publish(server, data)
     monkeypatch.setenv("CLIP_CACHE_DIR", shared_folder)
     target = _cache.download(url)  # the cache's owner fills it
-    os.remove(target + ".lock")
     before = listing(shared_folder)
     assert run_without_write_access(shared_folder, url).stdout.strip() == target  # warnings would be errors
     assert listing(shared_folder) == before  # no lock, no record, nothing
@@ -906,6 +982,39 @@ def test_read_only_cache_without_a_good_file_says_so(server, shared_folder, pres
     assert "download_root" in out and "CLIP_CACHE_DIR" in out
     assert ("is not in the cache" in out) if not present else (sha(present) in out)
     assert listing(shared_folder) == before and server.requests == []
+
+
+UNSEARCHABLE = PRELUDE + r"""
+package.__version__ = "0"  # the real package's __init__ (and its torch import) is skipped here
+from clip import _cli
+for call in (lambda: _cache.cached_path(args[0]), _cache.verify_cache):
+    try:
+        print("returned", call())
+    except _cache.DownloadError as error:
+        print("DownloadError:", error)
+print("models exit", _cli.main(["models"]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_a_cache_folder_without_search_permission_says_so(server, shared_folder, monkeypatch):
+    """Readable but not searchable (mode r--): neither "not cached" nor "delete the record" (which cannot be done)."""
+    url, _ = publish(server, payload())
+    monkeypatch.setenv("CLIP_CACHE_DIR", shared_folder)
+    _cache.download(url)
+    prefix = ROOT_WITHOUT_OVERRIDES if os.geteuid() == 0 else []
+    if prefix and shutil.which("setpriv") is None:
+        pytest.skip("as root, needs setpriv to give up the capabilities that ignore permissions")
+    os.chmod(shared_folder, 0o644)
+    try:
+        done = subprocess.run(prefix + [sys.executable, "-c", UNSEARCHABLE, MODULE, url], cwd=REPO, timeout=120,
+                              env=child_env(CLIP_CACHE_DIR=shared_folder), capture_output=True, text=True)
+    finally:
+        os.chmod(shared_folder, 0o755)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and said.count("Permission denied; give this user search permission on the folder "
+                                               f"(chmod u+x {shared_folder})") == 3, said
+    assert "not cached" not in said and "delete" not in said and "models exit 1" in said, said
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1039,7 +1148,7 @@ def test_links_and_special_files_are_never_followed_nor_reused(server, sandbox, 
     assert pathlib.Path(target).read_bytes() == data
     for entry in os.scandir(sandbox):  # the final file, its record and the lock: plain files of their own
         assert entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_nlink == 1, entry.name
-    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.lock", "model.pt.sha256.json"]
+    assert sorted(os.listdir(sandbox)) == ["model.pt", "model.pt.sha256.json"]
     assert _cache.cached_path(url) == target
     assert len(gets(server, path)) == 1
     assert not os.path.lexists(tmp_path / "nowhere")  # a dangling link was not written through
@@ -1060,7 +1169,7 @@ def test_a_link_to_the_right_bytes_is_still_replaced_at_the_partial_and_lock_nam
         target = _cache.download(url)
     assert pathlib.Path(target).read_bytes() == data
     assert "Range" not in gets(server, path)[0] and len(gets(server, path)) == 1  # fetched whole, nothing reused
-    assert not os.path.islink(sandbox / name) if os.path.lexists(sandbox / name) else name.endswith(".partial")
+    assert not os.path.lexists(sandbox / name)  # both exist only while a download runs: the link is gone
     assert shared.read_bytes() == data and os.stat(shared).st_mtime_ns == before.st_mtime_ns
 
 
@@ -1097,7 +1206,7 @@ def test_entries_another_user_planted_in_a_shared_folder(server, tmp_path, name,
     if name.endswith(".sha256.json"):  # only the record could not be written: the file is used, and hashed
         assert done.stdout.strip() == str(shared / "model.pt") and (shared / "model.pt").read_bytes() == data
         assert "no record of that can be written" in done.stderr
-        assert sorted(os.listdir(shared)) == ["model.pt", "model.pt.lock", name]
+        assert sorted(os.listdir(shared)) == ["model.pt", name]
         return
     out = done.stdout
     assert out.startswith("DownloadError:") and str(planted) in out, out
@@ -1333,7 +1442,7 @@ def test_a_body_past_the_release_size_bound_is_cut_off(server, sandbox, monkeypa
     server.content_length = with_length
     with pytest.raises(DownloadError, match="more than 110000 bytes, more than model.pt can have"):
         _cache.download(server.url(path))
-    assert sorted(os.listdir(sandbox)) == ["model.pt.lock"]  # nothing past the bound kept to resume
+    assert os.listdir(sandbox) == []  # nothing past the bound kept to resume
     assert len(gets(server, path)) == 1  # a bound is not retried
 
 
@@ -1429,35 +1538,14 @@ def test_paths_work_wherever_strings_do(server, monkeypatch, tmp_path):
     assert len(server.requests) == 1
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
-def test_write_atomically_replaces_a_link_syncs_and_never_leaves_half_a_file(tmp_path, monkeypatch):
-    victim = tmp_path / "victim"
-    victim.write_bytes(VICTIM)
-    out = tmp_path / "out.txt"
-    os.symlink(victim, out)
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size) or real_fsync(fd))
-    _cache.write_atomically(out, lambda file: file.write(b"new"))
-    assert victim.read_bytes() == VICTIM and not out.is_symlink() and out.read_bytes() == b"new"
-    assert synced == [3]  # the bytes reach the disk before the name points at them
-
-    def fails(file):
-        file.write(b"half")
-        raise ValueError("the writer failed")
-
-    with pytest.raises(ValueError):
-        _cache.write_atomically(str(out), fails)
-    assert out.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["out.txt", "victim"]
-
-
 def test_the_layers_import_one_way_and_without_torch():
-    """_http knows nothing of the cache; _cache needs only _http, _registry and _errors; neither imports torch."""
+    """_http knows nothing of the cache; _cache needs only _files, _http, _registry and _errors; none imports torch."""
     code = ("import sys, types; package = types.ModuleType('clip'); package.__path__ = [sys.argv[1]]; "
             "sys.modules['clip'] = package; import importlib; importlib.import_module(sys.argv[2]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('clip', 'torch')))")
     for module, loaded in (("clip._http", ["clip", "clip._http", "clip._registry"]),
-                           ("clip._cache", ["clip", "clip._cache", "clip._errors", "clip._http", "clip._registry"])):
+                           ("clip._cache", ["clip", "clip._cache", "clip._errors", "clip._files", "clip._http",
+                                            "clip._registry"])):
         done = subprocess.run([sys.executable, "-c", code, str(REPO / "clip"), module], capture_output=True,
                               text=True, timeout=60, check=True)
         assert done.stdout.strip() == str(loaded)
