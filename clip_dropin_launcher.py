@@ -16,7 +16,9 @@ import json
 import os
 import re
 import shlex
+import site
 import sys
+import sysconfig
 from importlib import metadata, util
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
@@ -27,6 +29,10 @@ __all__ = ["main", "installation_problem", "repair_command"]
 DISTRIBUTION = "clip-dropin"
 PACKAGE = "clip"
 README_SECTION = "Libraries that depend on clip-anytorch or OpenAI's package"
+# The files of the original's package, which clip-anytorch and openai-clip install too: uninstalling one of them
+# deletes these, and only these, of ours.
+SHARED_FILES = frozenset(f"{PACKAGE}/{name}" for name in ("__init__.py", "clip.py", "model.py", "simple_tokenizer.py",
+                                                          "bpe_simple_vocab_16e6.txt.gz"))
 
 # The one rule for what never reaches a terminal or a line-based file raw, here because this module must speak before
 # any file of the package may be imported; clip._console reads it from here. C0 and C1 controls and DEL (escape
@@ -96,17 +102,48 @@ def installation_problem() -> Optional[str]:
                 f"{_repair_or_generic(installed)}")
     if os.path.realpath(imported) != os.path.realpath(ours):
         owners = _owners(os.path.dirname(imported), [f"{PACKAGE}/__init__.py"]).get(f"{PACKAGE}/__init__.py")
-        fix = (f"uninstall it ({'; '.join(f'pip uninstall {name}' for name, _ in owners)})" if owners else
-               "remove or rename that folder, or run from another directory")
         return (f"'import {PACKAGE}' finds the package in {imported}"
                 f"{' (installed by ' + _names(owners) + ')' if owners else ''}, not this distribution's in "
-                f"{ours}, which it hides: {fix}")
+                f"{ours}, which it hides: {_unhide(os.path.dirname(imported), owners)}")
     return None
 
 
+def _unhide(folder: str, owners: Optional[List[tuple]]) -> str:
+    """How to stop the ``clip`` package in ``folder`` hiding ours: by where Python found it, not only by who
+    installed it (pip uninstalls only what lies in this environment)."""
+    where = os.path.realpath(folder)
+    if owners and where in _environment_folders():
+        return "uninstall it (" + "; ".join(f"{_python()} -m pip uninstall {name}" for name, _ in owners) + ")"
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if "PYTHONPATH" in os.environ else ():
+        if os.path.realpath(entry or os.curdir) != where:
+            continue
+        if os.path.realpath(entry or os.curdir) == os.path.realpath(os.getcwd()):  # "", ".": wherever one runs it
+            return (f"it is in the working directory, which PYTHONPATH ({os.environ['PYTHONPATH']!r}) puts on the "
+                    f"path: run from another directory, or take that entry out of PYTHONPATH")
+        return f"remove {entry} from PYTHONPATH (it is outside this environment, where pip cannot uninstall anything)"
+    if where == os.path.realpath(os.getcwd()):
+        return f"it is in the working directory: run from another directory, or rename {os.path.join(folder, PACKAGE)}"
+    return f"remove or rename {os.path.join(folder, PACKAGE)}, or take {folder} off sys.path"
+
+
+def _environment_folders() -> set:
+    """The site-packages folders of this interpreter's environment (and the user's), where pip installs."""
+    folders = set(site.getsitepackages()) if hasattr(site, "getsitepackages") else set()
+    folders |= {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    if site.ENABLE_USER_SITE:
+        folders.add(site.getusersitepackages())
+    return {os.path.realpath(folder) for folder in folders}
+
+
+def _python() -> str:
+    """This interpreter, as a shell word: the repair runs on the environment the command runs in, whatever
+    ``pip`` comes first on ``PATH``."""
+    return shlex.quote(sys.executable or "python3")
+
+
 def _changed_files(distribution: metadata.Distribution) -> Dict[str, str]:
-    """``{path: "replaced" or "removed"}`` for each file of ``clip/`` whose content no longer has the hash that
-    ``distribution``'s ``RECORD`` gives it. Files recorded without a hash (``.pyc``, editable installs) are not
+    """``{path: "replaced", "removed" or "unreadable (reason)"}`` for each file of ``clip/`` whose content no longer
+    has (or cannot be read to show) the hash that ``distribution``'s ``RECORD`` gives it. Files recorded without a hash (``.pyc``, editable installs) are not
     checked, nor files that ``RECORD`` does not list."""
     changed = {}
     for file in distribution.files or ():
@@ -118,8 +155,11 @@ def _changed_files(distribution: metadata.Distribution) -> Dict[str, str]:
         except (FileNotFoundError, NotADirectoryError):
             changed[str(file)] = "removed"
             continue
-        except OSError:  # unreadable, or a folder where the file was: not the file we installed either way
+        except IsADirectoryError:  # a folder where the file was
             changed[str(file)] = "replaced"
+            continue
+        except OSError as error:  # there, but this user cannot read it: nobody is known to have replaced it
+            changed[str(file)] = f"unreadable ({error.strerror or error})"
             continue
         # RECORD's hash encoding (the wheel format): URL-safe base64 without padding.
         if base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii") != file.hash.value:
@@ -132,8 +172,9 @@ def repair_command(distribution: Optional[metadata.Distribution] = None) -> str:
 
     The source is read from the PEP 610 ``direct_url.json`` in its metadata folder: a version-control URL at the
     recorded commit, a local folder (``-e`` when it was editable) or an archive; without that file it came from an
-    index, and the same version is named. The installer that wrote ``INSTALLER`` (pip or uv) runs it. ``--no-deps``
-    leaves the other packages, the other ``clip`` distribution included, as they are.
+    index, and the same version is named. The installer that wrote ``INSTALLER`` runs it, for this interpreter
+    (``<python> -m pip``, ``uv pip --python <python>``), so it repairs this environment whatever ``pip`` comes first
+    on ``PATH``. ``--no-deps`` leaves the other packages, the other ``clip`` distribution included, as they are.
 
     Parameters
     ----------
@@ -143,7 +184,7 @@ def repair_command(distribution: Optional[metadata.Distribution] = None) -> str:
     Returns
     -------
     str
-        A shell command, e.g. ``pip install --no-deps --force-reinstall clip-dropin==1.0.0``.
+        A shell command, e.g. ``/venv/bin/python -m pip install --no-deps --force-reinstall clip-dropin==1.0.0``.
     """
     if distribution is None:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -151,8 +192,8 @@ def repair_command(distribution: Optional[metadata.Distribution] = None) -> str:
     source = _source(distribution)
     installer = (distribution.read_text("INSTALLER") or "").strip()
     if installer == "uv":
-        return f"uv pip install --no-deps --reinstall {source}"
-    return f"pip install --no-deps --force-reinstall {source}"
+        return f"uv pip install --python {_python()} --no-deps --reinstall {source}"
+    return f"{_python()} -m pip install --no-deps --force-reinstall {source}"
 
 
 def _source(distribution: metadata.Distribution) -> str:
@@ -242,11 +283,17 @@ def _changed_message(installed: metadata.Distribution, folder: str, changed: Dic
     for path in sorted(changed):
         if changed[path] == "replaced":
             by_owner.setdefault(_names(owners[path]) if path in owners else "another program", []).append(path)
-    removed = sorted(path for path, how in changed.items() if how == "removed")
     what = [f"{owner} replaced {_inside(paths)}" for owner, paths in by_owner.items()]
-    if removed:
-        what.append(f"{_inside(removed)} {'was' if len(removed) == 1 else 'were'} removed (uninstalling a "
+    removed = sorted(path for path, how in changed.items() if how == "removed")
+    shared, own = [p for p in removed if p in SHARED_FILES], [p for p in removed if p not in SHARED_FILES]
+    if shared:
+        what.append(f"{_inside(shared)} {'was' if len(shared) == 1 else 'were'} removed (uninstalling a "
                     f"distribution that installed the same files, such as clip-anytorch, deletes them)")
+    if own:
+        what.append(f"{_inside(own)} {'was' if len(own) == 1 else 'were'} removed (no other distribution installs "
+                    f"{'it' if len(own) == 1 else 'them'}: deleted by hand or by another program)")
+    for path in sorted(path for path, how in changed.items() if how.startswith("unreadable")):
+        what.append(f"{_inside([path])} cannot be read {changed[path][len('unreadable '):]}")
     culprits = sorted({name for path in changed for name, _ in owners.get(path, [])})
     after = (f"any later install of {_join(culprits)}" if culprits else
              "any later install or uninstall of another distribution of a clip package")
@@ -264,4 +311,4 @@ def _inside(paths: Sequence[str]) -> str:
 def _repair_or_generic(installed: Optional[metadata.Distribution]) -> str:
     if installed is not None:
         return repair_command(installed)
-    return f"pip install --no-deps --force-reinstall {DISTRIBUTION}"
+    return f"{_python()} -m pip install --no-deps --force-reinstall {DISTRIBUTION}"

@@ -12,9 +12,11 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import venv
 from importlib import metadata
 from typing import Dict, List, Optional
 
@@ -26,6 +28,8 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (REPO / "clip" / "__init__.py")
                     re.M).group(1)
 COMMIT = "5c3b7a1e9d0f2468ace13579bdf02468ace13579"
 README = "(see \"Libraries that depend on clip-anytorch or OpenAI's package\" in the README)"
+# The interpreter the repair names: the one the command runs on, not whichever pip is first on PATH.
+PYTHON = shlex.quote(sys.executable)
 
 # What clip-anytorch 2.6.0 installs (its clip.py imports pkg_resources, which setuptools 81 and later no longer
 # ship); the vocabulary is the same file as ours.
@@ -138,6 +142,8 @@ def _clip(tmp_path: pathlib.Path, *args: str, path: List[pathlib.Path], module: 
 
 
 def _message(site: pathlib.Path, what: str, repair: str, after: str) -> str:
+    """The launcher's message; a ``pip ...`` repair is run by this interpreter, as ``<python> -m pip ...``."""
+    repair = f"{PYTHON} -m {repair}" if repair.startswith("pip ") else repair
     return (f"clip: error: the clip package in {site / 'clip'} is not the one clip-dropin {VERSION} installed: "
             f"{what}. 'import clip' would run a mix of two packages, or fail. Repair it with:\n"
             f"  {repair}\n"
@@ -199,7 +205,8 @@ def test_an_install_by_uv_is_repaired_by_uv(tmp_path):
     _install_foreign(site, "clip-anytorch", "2.6.0", ANYTORCH_FILES)
     result = _clip(tmp_path, "--version", path=[site])
     assert result.returncode == 1
-    assert f"Repair it with:\n  uv pip install --no-deps --reinstall clip-dropin=={VERSION}\n" in result.stderr
+    assert (f"Repair it with:\n  uv pip install --python {PYTHON} --no-deps --reinstall clip-dropin=={VERSION}\n"
+            in result.stderr)
 
 
 @pytest.mark.parametrize("module", [False, True], ids=["clip", "python -m clip"])
@@ -240,9 +247,92 @@ def test_a_clip_package_earlier_on_the_path_is_named(tmp_path):
     _install_foreign(other, "clip-anytorch", "2.6.0", ANYTORCH_FILES)
     result = _clip(tmp_path, "models", path=[other, checkout])
     assert result.returncode == 1
+    # pip would refuse to uninstall it ("outside environment"): the advice is the PYTHONPATH entry that finds it.
     assert result.stderr == (f"clip: error: 'import clip' finds the package in {other / 'clip'} (installed by "
                              f"clip-anytorch 2.6.0), not this distribution's in {checkout / 'clip'}, which it hides: "
-                             f"uninstall it (pip uninstall clip-anytorch)\n")
+                             f"remove {other} from PYTHONPATH (it is outside this environment, where pip cannot "
+                             "uninstall anything)\n")
+
+
+def test_a_plain_clone_of_the_original_on_the_path_or_in_the_working_directory_is_named_by_its_path(tmp_path):
+    """A checkout of OpenAI's repository (no dist-info): PYTHONPATH names it, or the working directory holds it."""
+    clone, checkout = tmp_path / "CLIP", tmp_path / "my checkout"
+    checkout.mkdir()
+    _copy_ours(checkout)
+    (clone / "clip").mkdir(parents=True)
+    for path, text in ANYTORCH_FILES.items():
+        (clone / path).write_text(text)
+    result = _clip(tmp_path, "models", path=[clone, checkout])
+    assert result.returncode == 1 and result.stderr.endswith(
+        f"which it hides: remove {clone} from PYTHONPATH (it is outside this environment, where pip cannot "
+        "uninstall anything)\n")
+    shutil.copytree(clone / "clip", tmp_path / "cwd" / "clip")
+    result = _clip(tmp_path, "models", path=["", checkout])  # an empty PYTHONPATH entry: the working directory
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.endswith(f"which it hides: it is in the working directory, which PYTHONPATH "
+                                  f"({os.pathsep + str(checkout)!r}) puts on the path: run from another directory, "
+                                  "or take that entry out of PYTHONPATH\n")
+
+
+def test_a_removed_file_no_other_distribution_ships_is_not_blamed_on_one(tmp_path):
+    site = tmp_path / "site"
+    _install_ours(site, "index", tmp_path)
+    (site / "clip" / "_cache.py").unlink()
+    result = _clip(tmp_path, "--version", path=[site])
+    assert result.returncode == 1
+    assert ("_cache.py was removed (no other distribution installs it: deleted by hand or by another program)"
+            in result.stderr)
+    assert "clip-anytorch" not in result.stderr.split("Repair it with")[0]
+
+
+def test_an_unreadable_file_is_reported_as_unreadable_not_replaced(tmp_path):
+    import clip_dropin_launcher
+
+    info = _write_dist_info(tmp_path, "clip-dropin", VERSION, [], extra={"INSTALLER": "pip\n"})
+    message = clip_dropin_launcher._changed_message(metadata.PathDistribution(info), str(tmp_path / "clip"),
+                                                    {"clip/model.py": "unreadable (Permission denied)"})
+    assert "model.py cannot be read (Permission denied)" in message and "replaced" not in message
+
+
+def test_the_repair_line_run_with_another_pip_first_on_path_repairs_this_environment(tmp_path):
+    """A real environment with our wheel, clip-anytorch's model.py written over ours, and another environment's
+    pip first on PATH (no venv activated, pipx, a linked ~/bin/clip): the printed line, run by a shell, repairs
+    the environment the command runs in."""
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip()[-200:]}")
+    ours = tmp_path / "ours"
+    venv.create(ours, with_pip=True, system_site_packages=False)
+    python = ours / "bin" / "python"
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+                                str(next(wheels.glob("*.whl")))], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    site = next((ours / "lib").glob("python*/site-packages"))
+    (site / "clip" / "model.py").write_text("import torch\n")  # another distribution's file over ours
+    other = tmp_path / "other" / "bin"
+    other.mkdir(parents=True)
+    (other / "pip").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'wrong pip was run'}\n")
+    (other / "pip").chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join([str(other), env.get("PATH", "")])
+    run = tmp_path / "cwd"
+    run.mkdir()
+    result = subprocess.run([str(python), "-m", "clip", "--version"], capture_output=True, text=True, cwd=run,
+                            env=env, timeout=120)
+    assert result.returncode == 1 and "replaced model.py" in result.stderr
+    repair = result.stderr.split("Repair it with:\n  ", 1)[1].split("\n", 1)[0]
+    assert repair.startswith(f"{shlex.quote(str(python))} -m pip install --no-deps --force-reinstall ")
+    repaired = subprocess.run(["sh", "-c", repair + " --no-index -q"], capture_output=True, text=True, cwd=run,
+                              env=env, timeout=300)
+    assert repaired.returncode == 0, repaired.stderr
+    assert not (tmp_path / "wrong pip was run").exists()
+    assert (site / "clip" / "model.py").read_bytes() == (REPO / "clip" / "model.py").read_bytes()
+    # The check passes now (the command itself would go on to need the dependencies this bare environment lacks).
+    result = subprocess.run([str(python), "-c", "import clip_dropin_launcher as l; print(l.installation_problem())"],
+                            capture_output=True, text=True, cwd=run, env=env, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "None\n"), result.stderr
 
 
 def test_the_installed_command_runs_here(tmp_path):
@@ -267,7 +357,7 @@ def test_repair_command_reinstalls_from_where_it_came(tmp_path, kind):
         {"INSTALLER": "pip\n"}, **({"direct_url.json": json.dumps(_direct_url(kind, tmp_path))}
                                    if kind != "index" else {})))
     assert clip_dropin_launcher.repair_command(metadata.PathDistribution(info)) == \
-        f"pip install --no-deps --force-reinstall {_expected_source(kind, tmp_path)}"
+        f"{PYTHON} -m pip install --no-deps --force-reinstall {_expected_source(kind, tmp_path)}"
 
 
 @pytest.mark.parametrize("direct_url, source", [
@@ -284,7 +374,7 @@ def test_repair_command_reads_each_field(tmp_path, direct_url, source):
 
     info = _write_dist_info(tmp_path, "clip-dropin", VERSION, [], extra={"direct_url.json": json.dumps(direct_url)})
     assert clip_dropin_launcher.repair_command(metadata.PathDistribution(info)) == \
-        f"pip install --no-deps --force-reinstall {source}"
+        f"{PYTHON} -m pip install --no-deps --force-reinstall {source}"
 
 
 def test_the_launcher_imports_nothing_of_clip_until_the_check_passed():
@@ -299,7 +389,7 @@ def test_the_readme_shows_the_message_as_printed(tmp_path):
     _install_ours(site, "archive", tmp_path)
     _install_foreign(site, "clip-anytorch", "2.6.0", ANYTORCH_FILES)
     result = _clip(tmp_path, "--version", path=[site])
-    printed = (result.stderr.replace(str(site), "/venv/lib/python3.11/site-packages")
+    printed = (result.stderr.replace(PYTHON, "/venv/bin/python").replace(str(site), "/venv/lib/python3.11/site-packages")
                .replace(str(tmp_path), "/work/dist").replace(VERSION, "1.0.0"))
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     shown = re.search(r"\$ clip --version\n(clip: error: .*?\n)```", readme, re.S).group(1)
