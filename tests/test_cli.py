@@ -942,6 +942,31 @@ def test_merge_of_broken_shards_is_one_error_line(capsys, tmp_path, damage):
     assert not (tmp_path / "m.npy").exists()
 
 
+def test_merge_reads_a_header_claiming_terabytes_as_one_line_before_allocating(capsys, tmp_path):
+    _hand_made_shards(tmp_path / "m", [["a"], ["b", "c"]], width=64)
+    shard = tmp_path / "m.shard-1-of-2.npy"
+    header = np.lib.format.header_data_from_array_1_0(np.ones((2, 64), np.float32))
+    header["shape"] = (2 ** 40, 64)  # 256 TiB claimed, 512 bytes there
+    with open(shard, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.ones((2, 64), np.float32).tobytes())
+    code, _, err = run(capsys, "merge", tmp_path / "m.npy")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"clip: error: {shard} is damaged: its header describes a 1099511627776 x 64 matrix")
+    assert not (tmp_path / "m.npy").exists()
+
+
+@pytest.mark.parametrize("which", ["txt", "npy"])
+def test_merge_refuses_a_fifo_at_a_shard_name_without_blocking(capsys, alarm, tmp_path, which):
+    _hand_made_shards(tmp_path / "m", [["a"], ["b", "c"]])
+    shard = tmp_path / f"m.shard-0-of-2.{which}"
+    shard.unlink()
+    os.mkfifo(shard)
+    code, _, err = run(capsys, "merge", tmp_path / "m.npy")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"clip: error: cannot read {shard}") and "not a regular file" in err
+
+
 def test_the_readmes_first_command_classifies_an_image_the_repository_ships(capsys, checkpoint):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     command = readme.split("```bash\n", 1)[1].split("\n", 1)[0]  # the first shell block's first line
