@@ -143,8 +143,8 @@ def _python() -> str:
 
 def _changed_files(distribution: metadata.Distribution) -> Dict[str, str]:
     """``{path: "replaced", "removed" or "unreadable (reason)"}`` for each file of ``clip/`` whose content no longer
-    has (or cannot be read to show) the hash that ``distribution``'s ``RECORD`` gives it. Files recorded without a hash (``.pyc``, editable installs) are not
-    checked, nor files that ``RECORD`` does not list."""
+    has (or cannot be read to show) the hash that ``distribution``'s ``RECORD`` gives it. Files recorded without a
+    hash (``.pyc``, editable installs) are not checked, nor files that ``RECORD`` does not list."""
     changed = {}
     for file in distribution.files or ():
         if file.parts[:1] != (PACKAGE,) or file.hash is None or file.hash.mode not in hashlib.algorithms_available:

@@ -113,7 +113,7 @@ def generated_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
 def folder_images(folder: Path, preprocess, count: int) -> torch.Tensor:
     from PIL import Image
 
-    from clip._embed import list_images
+    from clip._inputs import list_images
 
     names = list_images(str(folder))[:count]
     tensors = []

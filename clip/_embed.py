@@ -1,6 +1,7 @@
 """The work of the commands that run a model, ``clip classify`` and ``clip embed``, once ``clip._cli`` has checked
-everything that needs no model: the worker-decoded image dataset, the encoding, the results. Their features must never differ from ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised
-(with ``--precision bf16``, the same under CPU autocast to bfloat16).
+everything that needs no model: the worker-decoded image dataset, the encoding, the results. Their features must
+never differ from ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised (with ``--precision bf16``, the
+same under CPU autocast to bfloat16).
 """
 import argparse
 import contextlib
@@ -16,7 +17,6 @@ import torch
 
 from . import _outputs
 from ._console import CLIError, json_safe, printable, progress_bar, warn
-from ._inputs import IMAGE_EXTENSIONS, image_paths, list_images  # noqa: F401 (their home before _inputs)
 from ._outputs import open_regular as _open_regular  # how ImageFiles opens an image: never blocking on a FIFO
 
 # classify shows a progress bar (on a terminal) from this many images on: fewer finish before a bar means anything.

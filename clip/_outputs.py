@@ -333,8 +333,9 @@ def _find_shards(stem: str) -> int:
     missing = count - sum(1 for _, n in found if n == count)
     if missing:
         first = list(itertools.islice((str(i) for i in range(count) if (i, count) not in found), 10))  # enough to act
-        raise CLIError(f"{missing} of {count} shards are missing (I = {', '.join(first)}{', ...' if missing > 10 else ''}"
-                       "): run clip embed with those --shard values first")
+        more = ", ..." if missing > 10 else ""
+        raise CLIError(f"{missing} of {count} shards are missing (I = {', '.join(first)}{more}): run clip embed with "
+                       "those --shard values first")
     return count
 
 

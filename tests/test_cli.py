@@ -466,7 +466,8 @@ def test_embed_folder(capsys, checkpoint, reference, folder, tmp_path):
     # The record of what the rows were made from, and no temporary file or lock left.
     assert sorted(os.listdir(tmp_path / "out")) == ["features.json", "features.npy", "features.txt"]
     record = json.loads((tmp_path / "out" / "features.json").read_text())
-    assert record["inputs"] == {"kind": "images", "count": 6, "sha256": _listing_sha256(rows[:2] + ["b.png", "broken.jpg"] + rows[3:])}
+    listing = rows[:2] + ["b.png", "broken.jpg"] + rows[3:]  # every input, the unreadable one included
+    assert record["inputs"] == {"kind": "images", "count": 6, "sha256": _listing_sha256(listing)}
     assert record["checkpoint"] == "sha256:" + hashlib.sha256(pathlib.Path(checkpoint).read_bytes()).hexdigest()
     assert (record["model"], record["shard"], record["options"]) == ("tiny.pt", None, {"precision": "fp32"})
 
@@ -512,7 +513,8 @@ def test_embed_shards_resume_and_merge(capsys, checkpoint, folder, tmp_path, mon
     monkeypatch.setattr(clip.clip, "load", lambda *a, **k: pytest.fail("a finished shard loaded the model"))
     before = (tmp_path / "sharded.shard-0-of-3.npy").stat().st_mtime_ns
     code, _, err = _embed(capsys, checkpoint, folder, output, "--shard", "0/3")
-    assert code == 0 and "shard 0/3:" in err and "already exists, made from the same inputs, model and options; skipping" in err
+    assert code == 0 and "shard 0/3:" in err
+    assert "already exists, made from the same inputs, model and options; skipping" in err
     assert (tmp_path / "sharded.shard-0-of-3.npy").stat().st_mtime_ns == before
 
     code, _, err = run(capsys, "merge", output)
@@ -547,7 +549,7 @@ def test_embed_existing_output_is_kept_unless_overwrite(capsys, checkpoint, fold
     assert _embed(capsys, checkpoint, folder, output)[0] == 0
     before = output.stat().st_mtime_ns
     code, _, err = _embed(capsys, checkpoint, folder, output)
-    assert code == 0 and "already exists, made from the same inputs, model and options; skipping (pass --overwrite" in err
+    assert code == 0 and "already exists, made from the same inputs, model and options; skipping (pass" in err
     assert output.stat().st_mtime_ns == before
     assert _embed(capsys, checkpoint, folder, output, "--overwrite")[0] == 0
     assert output.stat().st_mtime_ns != before

@@ -114,7 +114,9 @@ def test_merge_refuses_shards_of_two_listings_or_options(capsys, checkpoint, tmp
     output = tmp_path / "f.npy"
     assert embed(capsys, checkpoint, photos, output, "--shard", "0/2")[0] == 0
     _images(photos, COLOURS[4:6])
-    assert embed(capsys, checkpoint, photos, output, "--shard", "1/2", "--precision", "bf16", "--force-precision")[0] == 0
+    code, _, err = embed(capsys, checkpoint, photos, output, "--shard", "1/2", "--precision", "bf16",
+                         "--force-precision")
+    assert code == 0, err
     code, _, err = run(capsys, "merge", output)
     assert code == 1 and err.count("\n") == 1 and "shards 0 and 1" in err
     assert "inputs: 4 images (listing sha256 " in err and "vs 6 images" in err
