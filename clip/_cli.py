@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from . import _cache, _inputs, _outputs, _registry
 from ._console import CLIError, printable, warn
@@ -24,9 +24,17 @@ CLOSED_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
 # The parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error as one ``clip: error:`` line that points to ``--help``, like every
+    other error of the command (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, f"clip: error: {error_line(message)} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``clip`` argument parser, one sub-command per job."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="clip",
         description="CLIP from the shell: manage the release models, classify images, embed images or texts.",
         epilog="Run 'clip COMMAND --help' for the options of a command.",

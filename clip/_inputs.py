@@ -7,7 +7,7 @@ import os
 import stat
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from . import _cache, _registry
+from . import _cache, _files, _registry
 from ._console import CLIError, printable, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -68,11 +68,12 @@ def nonblank_lines(lines: Iterable[str]) -> List[str]:
 
 
 def read_lines(path: str) -> List[str]:
-    """The non-blank lines of a UTF-8 text file; a byte-order mark (Windows editors write one) is not text.
+    """The non-blank lines of a UTF-8 text file; a byte-order mark (Windows editors write one) is not text. Only a
+    regular file is read (a FIFO would block).
 
     Raises ``UnicodeDecodeError`` or ``OSError``, for the caller to word.
     """
-    with open(path, encoding="utf-8-sig") as f:
+    with open(_files.open_regular(path, follow_links=True), encoding="utf-8-sig") as f:
         return nonblank_lines(f)
 
 
@@ -165,15 +166,13 @@ def model_identity(model: Model) -> Tuple[str, str]:
         else:
             _hash_file(model.name, digest)
     except OSError as error:
-        raise CLIError(f"cannot read the checkpoint {printable(model.name)}: {error.strerror or error}") from None
+        raise CLIError(f"cannot read the checkpoint {printable(model.name)}: {printable(str(error.strerror or error))}"
+                       ) from None
     return os.path.basename(os.path.normpath(model.name)), "sha256:" + digest.hexdigest()
 
 
 def _hash_file(path: str, digest: "hashlib._Hash") -> None:
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks the hash
-    with os.fdopen(descriptor, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise OSError(f"{path} is not a regular file")
+    with open(_files.open_regular(path, follow_links=True), "rb") as file:  # a FIFO never blocks the hash
         for chunk in iter(lambda: file.read(HASH_CHUNK), b""):
             digest.update(chunk)
 

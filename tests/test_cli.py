@@ -371,8 +371,8 @@ def test_classify_missing_image_fails_before_loading_the_model(capsys, folder, t
 ])
 def test_classify_bad_labels_are_usage_errors(capsys, folder, labels, message):
     code, _, err = run(capsys, "classify", folder / "b.png", *labels)
-    assert code == 2
-    assert message in err and err.startswith("usage: clip classify")
+    assert code == 2 and err.count("\n") == 1
+    assert message in err and err.startswith("clip: error: ") and err.endswith("(see 'clip classify --help')\n")
 
 
 def test_classify_empty_or_missing_labels_file(capsys, folder, tmp_path):

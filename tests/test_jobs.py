@@ -299,6 +299,17 @@ def test_merge_of_shard_names_claiming_a_huge_count_is_one_line_at_once(capsys, 
     assert time.monotonic() - start < 30
 
 
+def test_a_fifo_as_a_text_input_or_labels_file_is_one_line_not_a_hang(checkpoint, tmp_path):
+    fifo = tmp_path / "texts.txt"
+    os.mkfifo(fifo)
+    image = _images(tmp_path / "photos", COLOURS[:1]) / "red.png"
+    for argv in (["embed", fifo, "-o", tmp_path / "f.npy", "-m", checkpoint],
+                 ["classify", image, "--labels-file", fifo, "-m", checkpoint]):
+        result = _clip(*argv)  # a hang would be a TimeoutExpired, failing the test
+        assert result.returncode in (1, 2) and result.stderr.count("\n") == 1, result.stderr
+        assert "not a regular file" in result.stderr and "Traceback" not in result.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. One line, always; nothing on a closed pipe
 

@@ -211,8 +211,8 @@ def test_force_precision_runs_bf16_on_any_cpu(capsys, images, tmp_path, no_nativ
     assert not np.array_equal(forced, fp32) and _cosines(forced, fp32).min() > MIN_COSINE
     # Without --precision bf16, --force-precision would change nothing: a usage error, before any work.
     code, _, err = run(capsys, "embed", images, "-o", tmp_path / "same.npy", "-m", model, "--force-precision")
-    assert code == 2 and err.endswith("error: --force-precision applies to --precision bf16 only; add --precision "
-                                      "bf16, or drop it\n")
+    assert code == 2 and err == ("clip: error: --force-precision applies to --precision bf16 only; add --precision "
+                                 "bf16, or drop it (see 'clip embed --help')\n")
     assert not (tmp_path / "same.npy").exists()
 
 
