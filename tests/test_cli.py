@@ -648,6 +648,11 @@ def test_commands_that_run_no_model_start_without_torch(tmp_path):
                                 cwd=REPO, env=env, timeout=120)
         assert result.returncode == 0, (argv, result.stderr)
     assert (tmp_path / "f.txt").read_text() == "a\nb\nc\n"
+    # An unknown name gets load()'s suggestions from the registry, without torch.
+    result = subprocess.run([sys.executable, "-m", "clip", "download", "ViT-B/33", "--download-root", tmp_path],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith("clip: error: Model ViT-B/33 not found. Did you mean "
+                                                               "'ViT-B/32'"), result.stderr
     # The check itself holds: a command that runs a model does need torch.
     result = subprocess.run([sys.executable, "-m", "clip", "classify", REPO / "assets" / "diagram.png", "--labels",
                              "x", "--model", REPO / "README.md"], capture_output=True, text=True, cwd=REPO, env=env,
