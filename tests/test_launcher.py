@@ -298,16 +298,20 @@ def test_the_repair_line_run_with_another_pip_first_on_path_repairs_this_environ
     """A real environment with our wheel, clip-anytorch's model.py written over ours, and another environment's
     pip first on PATH (no venv activated, pipx, a linked ~/bin/clip): the printed line, run by a shell, repairs
     the environment the command runs in."""
+    # No PYTHONPATH (a checkout on it would count as clip-dropin installed already) and no activated venv.
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     wheels = tmp_path / "wheels"
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                            "-q", "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-q", "-w", str(wheels), str(REPO)], capture_output=True, text=True, cwd=REPO, env=env,
+                           timeout=300)
     if built.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {built.stderr.strip()[-200:]}")
     ours = tmp_path / "ours"
     venv.create(ours, with_pip=True, system_site_packages=False)
     python = ours / "bin" / "python"
     installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-                                str(next(wheels.glob("*.whl")))], capture_output=True, text=True, timeout=300)
+                                str(next(wheels.glob("*.whl")))], capture_output=True, text=True, env=env,
+                               timeout=300)
     assert installed.returncode == 0, installed.stderr
     site = next((ours / "lib").glob("python*/site-packages"))
     (site / "clip" / "model.py").write_text("import torch\n")  # another distribution's file over ours
@@ -315,7 +319,6 @@ def test_the_repair_line_run_with_another_pip_first_on_path_repairs_this_environ
     other.mkdir(parents=True)
     (other / "pip").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'wrong pip was run'}\n")
     (other / "pip").chmod(0o755)
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = os.pathsep.join([str(other), env.get("PATH", "")])
     run = tmp_path / "cwd"
     run.mkdir()
