@@ -181,9 +181,8 @@ def test_the_record_of_a_text_file_counts_its_texts_and_a_byte_order_mark_is_not
 def test_the_row_options_are_listed_in_one_place():
     from clip import _cli, _outputs
 
-    embed_options = {action.dest for action in _cli.build_parser()._subparsers._group_actions[0].choices["embed"]
-                     ._actions}
-    assert set(_outputs.ROW_OPTIONS) <= embed_options and "precision" in _outputs.ROW_OPTIONS
+    embed_options = vars(_cli.build_parser().parse_args(["embed", "in", "-o", "out.npy"]))
+    assert set(_outputs.ROW_OPTIONS) <= set(embed_options) and "precision" in _outputs.ROW_OPTIONS
 
 
 # ----------------------------------------------------------------------------------------------------------------
