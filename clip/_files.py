@@ -19,8 +19,8 @@ try:
 except ImportError:  # Windows: no flock; a lock's holder is then judged by its process and its heartbeat
     fcntl = None
 
-__all__ = ["Holder", "Lock", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "file_system_now",
-           "is_temporary", "kind", "open_regular", "temporary_name", "try_flock", "write_advice", "write_atomically"]
+__all__ = ["Holder", "Lock", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "is_temporary", "kind",
+           "open_regular", "remove_abandoned", "temporary_name", "try_flock", "write_advice", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -83,11 +83,32 @@ def is_temporary(name: str, of: str) -> bool:
 
 
 def create(path: str) -> BinaryIO:
-    """A new, empty file at ``path``, created exclusively: fails if anything (a link included) is there."""
+    """A new, empty file at ``path``, created exclusively (fails if anything, a link included, is there), and
+    flock-held while it is open: the mark of a live writer that `remove_abandoned` looks for."""
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _FLAGS, 0o666)
     if _NONBLOCK:
         os.set_blocking(descriptor, True)
+    try_flock(descriptor)
     return os.fdopen(descriptor, "r+b")
+
+
+def remove_abandoned(path: str, older_than: float) -> None:
+    """Remove the temporary files of ``path`` that killed writers left: no live process holds their flock, and the
+    file system's clock is ``older_than`` seconds from their time either way (a skewed clock dates some ahead)."""
+    folder, name = os.path.split(path)
+    try:
+        found = [entry for entry in os.listdir(folder) if is_temporary(entry, name)]
+    except OSError:
+        return
+    now = _file_system_now(folder) if found else 0.0
+    for entry in found:
+        with contextlib.suppress(OSError):  # gone meanwhile, held, or not ours to remove: left as it is
+            descriptor = open_regular(os.path.join(folder, entry), own=True)
+            try:
+                if abs(now - os.fstat(descriptor).st_mtime) >= older_than and try_flock(descriptor) is not False:
+                    os.remove(os.path.join(folder, entry))
+            finally:
+                os.close(descriptor)
 
 
 def commit(file: BinaryIO, temporary: str, path: str) -> None:
@@ -265,7 +286,7 @@ class Lock:
             if holder.this_process:
                 return self.path in _HELD
             return flocked is None and _process_lives(holder.pid)  # flock works here: no process holds it
-        return abs(file_system_now(os.path.dirname(self.path)) - status.st_mtime) < self.stale_after
+        return abs(_file_system_now(os.path.dirname(self.path)) - status.st_mtime) < self.stale_after
 
 
 def try_flock(descriptor: int) -> Optional[bool]:
@@ -310,7 +331,7 @@ def _process_lives(pid: int) -> bool:
     return True
 
 
-def file_system_now(folder: str) -> float:
+def _file_system_now(folder: str) -> float:
     """The time by the clock that dates files in ``folder`` (another host's, on a network share)."""
     probe = temporary_name(os.path.join(folder, "clock"))
     try:
