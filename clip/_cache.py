@@ -148,6 +148,8 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
         partial = target + PARTIAL_SUFFIX if held else _files.temporary_name(target)
         try:
             _fetch(sources, target, partial, expected, label, settings, opener, lock if held else None)
+        except _files.LockLost:  # stopped so long that another process took over: that one is waited for now
+            return download(url, root)
         except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
             with contextlib.suppress(OSError):
                 os.remove(partial)
@@ -340,10 +342,6 @@ def _record(target: str, expected: str, found: _Found) -> None:
                       stacklevel=4)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The lock, and the files a download writes
-
-
 def _hold(lock: _files.Lock, target: str, needed: str, stall_timeout: float) -> bool:
     """Take ``lock``: True once held; False when its holder adds nothing for ``stall_timeout`` seconds (stopped or
     hung), so that this process fetches the file itself. A waiter says once, on stderr, whom it waits for."""
@@ -352,7 +350,7 @@ def _hold(lock: _files.Lock, target: str, needed: str, stall_timeout: float) -> 
         os.makedirs(folder, exist_ok=True)
         try:
             free = lock.acquire(0)
-        except _files.NotAFile:
+        except _files.NotAFile:  # a link or special file planted there: removed (if it may be), then try again
             _replace_odd_entry(lock.path)
             free = lock.acquire(0)
         if free:

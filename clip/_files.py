@@ -16,10 +16,10 @@ from typing import BinaryIO, Callable, NamedTuple, Optional, Union
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; a lock's holder is then judged by its process and its heartbeat
+except ImportError:  # Windows: no flock; a lock's holder is then judged by its heartbeat
     fcntl = None
 
-__all__ = ["Holder", "Lock", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "is_temporary", "kind",
+__all__ = ["Holder", "Lock", "LockLost", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "is_temporary", "kind",
            "open_regular", "remove_abandoned", "temporary_name", "try_flock", "write_advice", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -37,6 +37,10 @@ LOCK_POLL = 1.0  # the most seconds between two looks at a held lock
 
 class NotAFile(OSError):
     """Something other than a regular file (of its own, where that was asked) is at a path."""
+
+
+class LockLost(Exception):
+    """A holder stopped for longer than ``stale_after`` had its lock cleared as a dead one's: it may not go on."""
 
 
 def kind(mode: int) -> str:
@@ -221,9 +225,13 @@ class Lock:
             os.close(descriptor)
 
     def touch(self) -> None:
-        """Say that the holder is alive and making progress (its waiters watch the marker's time)."""
-        if self._descriptor is not None:
-            os.utime(self._descriptor if os.utime in os.supports_fd else self.path)
+        """Say that the holder is alive and making progress (its waiters watch the marker's time); `LockLost` if
+        the marker is no longer this holder's."""
+        if self._descriptor is None:
+            return
+        if not _same_file(self.path, os.fstat(self._descriptor)):
+            raise LockLost(f"{self.path} was cleared as a dead holder's while this process made no progress")
+        os.utime(self._descriptor if os.utime in os.supports_fd else self.path)
 
     def release(self) -> None:
         _HELD.discard(self.path)
@@ -285,7 +293,8 @@ class Lock:
         if holder is not None and holder.host == socket.gethostname():
             if holder.this_process:
                 return self.path in _HELD
-            return flocked is None and _process_lives(holder.pid)  # flock works here: no process holds it
+            if flocked or os.name != "nt":  # flock works here, so no process holds it; or its process tells
+                return not flocked and _process_lives(holder.pid)
         return abs(_file_system_now(os.path.dirname(self.path)) - status.st_mtime) < self.stale_after
 
 
@@ -320,9 +329,7 @@ def _same_file(path: str, status: os.stat_result) -> bool:
 
 
 def _process_lives(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would end it there: the heartbeat decides instead
-        return True
-    try:
+    try:  # not on Windows, where os.kill(pid, 0) would end the process: the heartbeat decides there
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -336,7 +343,9 @@ def _file_system_now(folder: str) -> float:
     probe = temporary_name(os.path.join(folder, "clock"))
     try:
         with create(probe) as file:
-            os.remove(probe)
-            return os.fstat(file.fileno()).st_mtime
+            now = os.fstat(file.fileno()).st_mtime
     except OSError:
         return time.time()
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+    return now

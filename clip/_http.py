@@ -164,15 +164,15 @@ class Sink:
         self.size = size
         self.spliced = size > 0  # its bytes come from more than one response
         self.resumable = False  # a source has accepted (or offered) Range requests
-        self.on_write: Optional[Callable[[], None]] = None  # called after each chunk: a heartbeat for waiters
+        self.on_write: Optional[Callable[[], None]] = None  # called before each chunk: a heartbeat, and a check
 
     def append(self, chunk: bytes) -> None:
+        if self.on_write is not None:
+            self.on_write()
         self.file.write(chunk)
         self.file.flush()  # in the file at once, so that a killed process leaves every byte received to resume
         self.digest.update(chunk)
         self.size += len(chunk)
-        if self.on_write is not None:
-            self.on_write()
 
     def restart(self) -> None:
         """Drop every byte: the next transfer fetches the whole file."""
