@@ -422,6 +422,8 @@ def _fetch(sources: Sequence[str], target: str, partial: str, expected: str, lab
             except _http.TransferError as failure:
                 failures.append(f"{url}: {failure}")
                 continue
+            if lock is not None:
+                lock.touch()  # still this process's lock, so still its .partial
             _place(sink.file, partial, target, expected)
             return
     finally:
@@ -446,7 +448,7 @@ def _place(file: BinaryIO, partial: str, target: str, expected: str) -> None:
     there since (one that stopped waiting for a stalled holder): a file in use is not replaced."""
     if _record_matches(target, expected, _find(target)):
         file.close()
-        with contextlib.suppress(FileNotFoundError):  # where flock excludes nobody, the other may have moved it
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile as abandoned, where flock fails
             os.remove(partial)
         return
     _files.commit(file, partial, target)

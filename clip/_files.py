@@ -176,7 +176,7 @@ class Holder(NamedTuple):
         return f"process {self.pid}" + ("" if self.host == socket.gethostname() else f" on {self.host}")
 
 
-_HELD = set()  # the marker paths this process holds, for file systems without flock
+_HELD = {}  # marker path -> the Lock of this process that holds it, for file systems without flock
 
 
 class Lock:
@@ -234,7 +234,8 @@ class Lock:
         os.utime(self._descriptor if os.utime in os.supports_fd else self.path)
 
     def release(self) -> None:
-        _HELD.discard(self.path)
+        if _HELD.get(self.path) is self:
+            del _HELD[self.path]
         descriptor, self._descriptor = self._descriptor, None
         if descriptor is None:
             return
@@ -268,7 +269,7 @@ class Lock:
                 os.remove(self.path)
             raise
         self._descriptor = descriptor
-        _HELD.add(self.path)
+        _HELD[self.path] = self
         return True
 
     def _judge(self) -> Optional[tuple]:
