@@ -215,14 +215,9 @@ class Lock:
 
     def holder(self) -> Optional[Holder]:
         """Who holds the lock now, if its marker says."""
-        try:
-            descriptor = open_regular(self.path)
-        except OSError:
-            return None
-        try:
-            return _read_holder(descriptor)
-        finally:
-            os.close(descriptor)
+        with contextlib.suppress(OSError), os.fdopen(open_regular(self.path), "rb") as file:
+            return _read_holder(file.fileno())
+        return None
 
     def touch(self) -> None:
         """Say that the holder is alive and making progress (its waiters watch the marker's time); `LockLost` if
@@ -322,11 +317,9 @@ def _read_holder(descriptor: int) -> Optional[Holder]:
 
 
 def _same_file(path: str, status: os.stat_result) -> bool:
-    try:
-        now = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino) == (status.st_dev, status.st_ino)
+    with contextlib.suppress(FileNotFoundError):
+        return os.path.samestat(os.lstat(path), status)
+    return False
 
 
 def _process_lives(pid: int) -> bool:
