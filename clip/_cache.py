@@ -17,7 +17,7 @@ import stat
 import sys
 import urllib.parse
 import warnings
-from typing import BinaryIO, List, Optional, Sequence, Tuple
+from typing import BinaryIO, List, Optional, Sequence
 
 from . import _files, _http, _registry
 from ._errors import CacheFolderError, DownloadError
@@ -29,7 +29,7 @@ __all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cach
 RECORD_MAX_BYTES = 1 << 16  # a record is about 150 bytes; a bigger "record" is not ours and is not read
 RECORD_SUFFIX = ".sha256.json"
 PARTIAL_SUFFIX = ".partial"
-# A waiter's own temporary file untouched for this long, and that no live process holds, was left by a killed one.
+# A waiter's own temporary file untouched for this long, and that no live process holds, is a killed one's.
 ABANDONED_AFTER = 60.0
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -71,48 +71,23 @@ class _Found:
         return "" if self.link_to is None else f" (a symbolic link to {self.link_to})"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Public functions
-
-
 def cache_dir(root: Optional[PathLike] = None) -> str:
-    """Return the cache folder, resolved now.
-
-    Parameters
-    ----------
-    root : str or os.PathLike, optional
-        The ``download_root`` a caller gave; used when set (an empty string counts as unset, as in the original).
-
-    Returns
-    -------
-    str
-        The absolute folder: ``root``, else ``$CLIP_CACHE_DIR``, else the original's ``~/.cache/clip`` (whatever
-        ``XDG_CACHE_HOME`` says, so that a cache the original filled is used), with ``~`` expanded. The folder is
-        not created.
-    """
-    if root is not None and os.fspath(root):
-        folder = os.fspath(root)
-    elif os.environ.get("CLIP_CACHE_DIR"):
-        folder = os.environ["CLIP_CACHE_DIR"]
-    else:
-        folder = os.path.join("~", ".cache", "clip")
+    """The absolute cache folder, resolved now (not created): ``root`` (the caller's ``download_root``; empty counts
+    as unset, as in the original), else ``$CLIP_CACHE_DIR``, else the original's ``~/.cache/clip`` whatever
+    ``XDG_CACHE_HOME`` says, so that a cache the original filled is used."""
+    folder = ((os.fspath(root) if root is not None else "") or os.environ.get("CLIP_CACHE_DIR")
+              or os.path.join("~", ".cache", "clip"))
     return os.path.abspath(os.path.expanduser(folder))
 
 
 def sha256_from_url(url: str) -> str:
-    """Return the SHA-256 a release URL carries as its second-to-last path segment, in lower case.
-
-    Raises
-    ------
-    DownloadError
-        If that segment is not 64 hexadecimal digits.
-    """
+    """The SHA-256 a release URL carries as its second-to-last path segment, in lower case; `DownloadError` if that
+    segment is not 64 hexadecimal digits."""
     segments = urllib.parse.urlsplit(url).path.split("/")
     candidate = segments[-2].lower() if len(segments) >= 2 else ""
     if not _SHA256_HEX.fullmatch(candidate):
-        raise DownloadError(
-            f"cannot tell the expected SHA-256 of {url}: release URLs end in /<64 hex digits>/<file name>"
-        )
+        raise DownloadError(f"cannot tell the expected SHA-256 of {url}: release URLs end in /<64 hex digits>/"
+                            "<file name>")
     return candidate
 
 
@@ -129,31 +104,16 @@ def cached_path(url: str, root: Optional[PathLike] = None) -> Optional[str]:
 
 
 def download(url: str, root: Optional[PathLike] = None) -> str:
-    """Return the path of ``url``'s file in the cache, downloading and verifying it first if needed.
+    """The path ``<cache folder>/<url's last segment>`` of a regular file (or a link to one) with the SHA-256 the
+    URL carries, downloaded and verified first if needed (see `cache_dir` for ``root``).
 
-    Parameters
-    ----------
-    url : str
-        The release URL; the file keeps its last path segment as its name.
-    root : str or os.PathLike, optional
-        The cache folder; see `cache_dir`.
-
-    Returns
-    -------
-    str
-        ``<cache folder>/<file name>``, a regular file (or a link to one) whose SHA-256 is the expected one.
-
-    Raises
-    ------
-    DownloadError
-        If no source gave the right bytes, the cache folder cannot be written, a folder stands at the file's
-        path, a setting is invalid, or the machine is offline (``CLIP_OFFLINE``) and the file is not in the cache;
-        the message names the URLs tried, the hashes, the folder and what to do. A wrong file found in the cache is
-        left in place until a verified one replaces it; a link there is replaced itself, never written through.
+    Raises `DownloadError`, naming what was tried and what to do, if no source gave the right bytes, the folder
+    cannot be written, a folder stands at the file's path, a setting is invalid, or the machine is offline. A wrong
+    file found there stays until a verified one replaces it; a link there is replaced, never written through.
     """
     expected = sha256_from_url(url)
     target = _target(url, root)
-    _remove_abandoned(target)
+    _files.remove_abandoned(target, ABANDONED_AFTER)  # a killed waiter's own file
     found = _verify(target, expected, _find(target))
     if found is None:
         return target
@@ -188,6 +148,8 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
         partial = target + PARTIAL_SUFFIX if held else _files.temporary_name(target)
         try:
             _fetch(sources, target, partial, expected, label, settings, opener, lock if held else None)
+        except _files.LockLost:  # stopped so long that another process took over: that one is waited for now
+            return download(url, root)
         except OSError as error:  # network errors are handled inside; this is the disk (full, read-only, ...)
             with contextlib.suppress(OSError):
                 os.remove(partial)
@@ -203,21 +165,9 @@ def download(url: str, root: Optional[PathLike] = None) -> str:
 
 
 def verify_cache(root: Optional[PathLike] = None, *, files: Optional[Sequence[str]] = None) -> List[CacheCheck]:
-    """Re-hash every file of the cache folder that has a record (or only the named ``files``), and report each.
-
-    Hashing streams each file and writes nothing. Only this full check finds a file whose bytes changed while its
-    size and modification time stayed the same (the quick check `download` makes).
-
-    Returns
-    -------
-    list of CacheCheck
-        One result per record, sorted by path: ``ok`` and a message saying what is wrong and what to do.
-
-    Raises
-    ------
-    DownloadError
-        If the cache folder exists but cannot be listed or looked into (no permission, a loop of links).
-    """
+    """Re-hash (streaming, writing nothing) every recorded file of the cache folder, or only the named ``files``:
+    one `CacheCheck` per record, sorted by path. Only this finds bytes changed under the same size and time.
+    `DownloadError` if the folder exists but cannot be listed or looked into (no permission, a loop of links)."""
     folder = cache_dir(root)
     try:
         names = sorted(os.listdir(folder))
@@ -256,10 +206,6 @@ def check_file(target: str, expected: str) -> CacheCheck:
     return CacheCheck(target, expected, True, "ok")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Names and messages
-
-
 def _target(url: str, root: Optional[PathLike]) -> str:
     """``<cache folder>/<file name>``; the raw last URL segment (never unquoted, so "%2F" cannot become a "/")."""
     name = _registry.file_name(url)
@@ -292,17 +238,9 @@ def _offline_message(variable: str, label: str, target: str, expected: str, sour
 
 
 def _so_far(target: str) -> str:
-    try:
-        received = os.lstat(target + PARTIAL_SUFFIX).st_size
-    except OSError:
-        received = 0
-    total = _registry.APPROXIMATE_SIZES.get(os.path.basename(target))
-    return f"{received / 1e6:.1f} MB" + ("" if total is None else f" of about {total / 1e6:.0f} MB") + \
-        " received so far"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What is there, and whether it is verified
+    status, total = _lstat(target + PARTIAL_SUFFIX), _registry.APPROXIMATE_SIZES.get(os.path.basename(target))
+    of = "" if total is None else f" of about {total / 1e6:.0f} MB"
+    return f"{(status.st_size if status else 0) / 1e6:.1f} MB{of} received so far"
 
 
 def _lstat(path: str) -> Optional[os.stat_result]:
@@ -394,9 +332,8 @@ def _record(target: str, expected: str, found: _Found) -> None:
     """Record that ``found``, the file at ``target``, is verified, or warn what it costs that the folder forbids it."""
     record = {"file": os.path.basename(target), "sha256": expected, "size": found.file_status.st_size,
               "mtime_ns": found.file_status.st_mtime_ns}
-    if found.link_to is not None:  # a re-pointed link, even to a file of the same size and time, is hashed again
-        record["link_to"] = found.link_to
-    text = json.dumps(record, indent=1) + "\n"
+    # A re-pointed link, even to a file of the same size and time, is hashed again: where it leads is recorded.
+    text = json.dumps(record if found.link_to is None else {**record, "link_to": found.link_to}, indent=1) + "\n"
     try:
         write_atomically(target + RECORD_SUFFIX, lambda file: file.write(text.encode("utf-8")))
     except OSError as error:  # a read-only shared cache: use the file all the same, and say what that costs
@@ -405,21 +342,15 @@ def _record(target: str, expected: str, found: _Found) -> None:
                       stacklevel=4)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The lock, and the files a download writes
-
-
 def _hold(lock: _files.Lock, target: str, needed: str, stall_timeout: float) -> bool:
     """Take ``lock``: True once held; False when its holder adds nothing for ``stall_timeout`` seconds (stopped or
     hung), so that this process fetches the file itself. A waiter says once, on stderr, whom it waits for."""
     folder, name = os.path.split(target)
     try:
         os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"no write permission on {folder}")
         try:
             free = lock.acquire(0)
-        except _files.NotAFile:
+        except _files.NotAFile:  # a link or special file planted there: removed (if it may be), then try again
             _replace_odd_entry(lock.path)
             free = lock.acquire(0)
         if free:
@@ -459,36 +390,13 @@ def _replace_odd_entry(path: str) -> None:
                   stacklevel=4)
 
 
-def _remove_abandoned(target: str) -> None:
-    """Remove the temporary files of ``target`` that waiters killed mid-download left: those no live process holds
-    (their flock is free) and untouched for `ABANDONED_AFTER` seconds, either way by the file system's clock (a
-    file dated in the future by a skewed clock is not young). Anything in doubt stays."""
-    folder, name = os.path.split(target)
-    try:
-        found = [entry for entry in os.listdir(folder) if _files.is_temporary(entry, name)]
-    except OSError:
-        return
-    now = _files.file_system_now(folder) if found else 0.0
-    for entry in found:
-        with contextlib.suppress(OSError):  # gone meanwhile, held, or not ours to remove: left as it is
-            path = os.path.join(folder, entry)
-            descriptor = _files.open_regular(path, own=True)
-            try:
-                old = abs(now - os.fstat(descriptor).st_mtime) >= ABANDONED_AFTER
-                if old and _files.try_flock(descriptor) is not False:
-                    os.remove(path)
-            finally:
-                os.close(descriptor)
-
-
 def _open_partial(path: str) -> _http.Sink:
     """The ``.partial`` file to resume (its bytes hashed once) or a new one; anything else there is replaced."""
     try:
         file = os.fdopen(_files.open_regular(path, os.O_RDWR, own=True), "r+b")
-    except FileNotFoundError:
-        return _http.Sink(_files.create(path), hashlib.sha256(), 0)
-    except OSError:  # a link, a pipe, a hard link to another file: never written through
-        _replace_odd_entry(path)
+    except OSError as error:  # nothing there; or a link, a pipe, a hard link: never written through
+        if not isinstance(error, FileNotFoundError):
+            _replace_odd_entry(path)
         return _http.Sink(_files.create(path), hashlib.sha256(), 0)
     try:
         digest = _hash_rest(file, hashlib.sha256())  # bytes left by an interrupted run: the hash runs on from here
@@ -501,15 +409,12 @@ def _open_partial(path: str) -> _http.Sink:
 def _fetch(sources: Sequence[str], target: str, partial: str, expected: str, label: str, settings: _http.Settings,
            opener, lock: Optional[_files.Lock]) -> None:
     """Put the verified file at ``target`` from the first source that gives it, through ``partial``, or raise
-    DownloadError. With the ``lock`` held, the bytes of a failed download stay in ``partial`` for the next try;
-    without it, ``partial`` is this process's own, flock-held while it lives (see `_remove_abandoned`)."""
+    DownloadError. With the ``lock`` held, the bytes of a failed download stay in ``partial`` for the next try."""
     limit = _size_bound(target)
     sink = _open_partial(partial)
     failures = []
     try:
-        if lock is None:
-            _files.try_flock(sink.file.fileno())
-        else:
+        if lock is not None:
             sink.on_write = lock.touch  # its waiters see the progress
         for url in sources:
             try:
@@ -517,6 +422,8 @@ def _fetch(sources: Sequence[str], target: str, partial: str, expected: str, lab
             except _http.TransferError as failure:
                 failures.append(f"{url}: {failure}")
                 continue
+            if lock is not None:
+                lock.touch()  # still this process's lock, so still its .partial
             _place(sink.file, partial, target, expected)
             return
     finally:
@@ -537,15 +444,11 @@ def _fetch(sources: Sequence[str], target: str, partial: str, expected: str, lab
 
 
 def _place(file: BinaryIO, partial: str, target: str, expected: str) -> None:
-    """Move the verified ``partial`` to ``target``, unless another process has put a verified file there since.
-
-    Two processes download the same file when one gave up waiting for the other (a stopped holder that later
-    resumes): whichever finishes first puts the file in place and the other drops its copy, so a file in use is
-    not replaced. Both copies verify, so even the two finishing at the same moment put the same bytes there.
-    """
+    """Move the verified ``partial`` to ``target`` and record it, unless another process has put a verified file
+    there since (one that stopped waiting for a stalled holder): a file in use is not replaced."""
     if _record_matches(target, expected, _find(target)):
         file.close()
-        with contextlib.suppress(FileNotFoundError):  # where flock excludes nobody, the other may have moved it
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile as abandoned, where flock fails
             os.remove(partial)
         return
     _files.commit(file, partial, target)

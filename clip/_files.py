@@ -16,11 +16,11 @@ from typing import BinaryIO, Callable, NamedTuple, Optional, Union
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; a lock's holder is then judged by its process and its heartbeat
+except ImportError:  # Windows: no flock; a lock's holder is then judged by its heartbeat
     fcntl = None
 
-__all__ = ["Holder", "Lock", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "file_system_now",
-           "is_temporary", "kind", "open_regular", "temporary_name", "try_flock", "write_advice", "write_atomically"]
+__all__ = ["Holder", "Lock", "LockLost", "NotAFile", "PathLike", "TEMPORARY_EXTRA", "create", "commit", "is_temporary", "kind",
+           "open_regular", "remove_abandoned", "temporary_name", "try_flock", "write_advice", "write_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -37,6 +37,10 @@ LOCK_POLL = 1.0  # the most seconds between two looks at a held lock
 
 class NotAFile(OSError):
     """Something other than a regular file (of its own, where that was asked) is at a path."""
+
+
+class LockLost(Exception):
+    """A holder stopped for longer than ``stale_after`` had its lock cleared as a dead one's: it may not go on."""
 
 
 def kind(mode: int) -> str:
@@ -83,11 +87,32 @@ def is_temporary(name: str, of: str) -> bool:
 
 
 def create(path: str) -> BinaryIO:
-    """A new, empty file at ``path``, created exclusively: fails if anything (a link included) is there."""
+    """A new, empty file at ``path``, created exclusively (fails if anything, a link included, is there), and
+    flock-held while it is open: the mark of a live writer that `remove_abandoned` looks for."""
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _FLAGS, 0o666)
     if _NONBLOCK:
         os.set_blocking(descriptor, True)
+    try_flock(descriptor)
     return os.fdopen(descriptor, "r+b")
+
+
+def remove_abandoned(path: str, older_than: float) -> None:
+    """Remove the temporary files of ``path`` that killed writers left: no live process holds their flock, and the
+    file system's clock is ``older_than`` seconds from their time either way (a skewed clock dates some ahead)."""
+    folder, name = os.path.split(path)
+    try:
+        found = [entry for entry in os.listdir(folder) if is_temporary(entry, name)]
+    except OSError:
+        return
+    now = _file_system_now(folder) if found else 0.0
+    for entry in found:
+        with contextlib.suppress(OSError):  # gone meanwhile, held, or not ours to remove: left as it is
+            descriptor = open_regular(os.path.join(folder, entry), own=True)
+            try:
+                if abs(now - os.fstat(descriptor).st_mtime) >= older_than and try_flock(descriptor) is not False:
+                    os.remove(os.path.join(folder, entry))
+            finally:
+                os.close(descriptor)
 
 
 def commit(file: BinaryIO, temporary: str, path: str) -> None:
@@ -151,7 +176,7 @@ class Holder(NamedTuple):
         return f"process {self.pid}" + ("" if self.host == socket.gethostname() else f" on {self.host}")
 
 
-_HELD = set()  # the marker paths this process holds, for file systems without flock
+_HELD = {}  # marker path -> the Lock of this process that holds it, for file systems without flock
 
 
 class Lock:
@@ -190,22 +215,22 @@ class Lock:
 
     def holder(self) -> Optional[Holder]:
         """Who holds the lock now, if its marker says."""
-        try:
-            descriptor = open_regular(self.path)
-        except OSError:
-            return None
-        try:
-            return _read_holder(descriptor)
-        finally:
-            os.close(descriptor)
+        with contextlib.suppress(OSError), os.fdopen(open_regular(self.path), "rb") as file:
+            return _read_holder(file.fileno())
+        return None
 
     def touch(self) -> None:
-        """Say that the holder is alive and making progress (its waiters watch the marker's time)."""
-        if self._descriptor is not None:
-            os.utime(self._descriptor if os.utime in os.supports_fd else self.path)
+        """Say that the holder is alive and making progress (its waiters watch the marker's time); `LockLost` if
+        the marker is no longer this holder's."""
+        if self._descriptor is None:
+            return
+        if not _same_file(self.path, os.fstat(self._descriptor)):
+            raise LockLost(f"{self.path} was cleared as a dead holder's while this process made no progress")
+        os.utime(self._descriptor if os.utime in os.supports_fd else self.path)
 
     def release(self) -> None:
-        _HELD.discard(self.path)
+        if _HELD.get(self.path) is self:
+            del _HELD[self.path]
         descriptor, self._descriptor = self._descriptor, None
         if descriptor is None:
             return
@@ -239,7 +264,7 @@ class Lock:
                 os.remove(self.path)
             raise
         self._descriptor = descriptor
-        _HELD.add(self.path)
+        _HELD[self.path] = self
         return True
 
     def _judge(self) -> Optional[tuple]:
@@ -264,8 +289,9 @@ class Lock:
         if holder is not None and holder.host == socket.gethostname():
             if holder.this_process:
                 return self.path in _HELD
-            return flocked is None and _process_lives(holder.pid)  # flock works here: no process holds it
-        return abs(file_system_now(os.path.dirname(self.path)) - status.st_mtime) < self.stale_after
+            if flocked or os.name != "nt":  # flock works here, so no process holds it; or its process tells
+                return not flocked and _process_lives(holder.pid)
+        return abs(_file_system_now(os.path.dirname(self.path)) - status.st_mtime) < self.stale_after
 
 
 def try_flock(descriptor: int) -> Optional[bool]:
@@ -291,17 +317,13 @@ def _read_holder(descriptor: int) -> Optional[Holder]:
 
 
 def _same_file(path: str, status: os.stat_result) -> bool:
-    try:
-        now = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino) == (status.st_dev, status.st_ino)
+    with contextlib.suppress(FileNotFoundError):
+        return os.path.samestat(os.lstat(path), status)
+    return False
 
 
 def _process_lives(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would end it there: the heartbeat decides instead
-        return True
-    try:
+    try:  # not on Windows, where os.kill(pid, 0) would end the process: the heartbeat decides there
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -310,12 +332,14 @@ def _process_lives(pid: int) -> bool:
     return True
 
 
-def file_system_now(folder: str) -> float:
+def _file_system_now(folder: str) -> float:
     """The time by the clock that dates files in ``folder`` (another host's, on a network share)."""
     probe = temporary_name(os.path.join(folder, "clock"))
     try:
         with create(probe) as file:
-            os.remove(probe)
-            return os.fstat(file.fileno()).st_mtime
+            now = os.fstat(file.fileno()).st_mtime
     except OSError:
         return time.time()
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+    return now

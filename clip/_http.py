@@ -36,9 +36,8 @@ MAX_BACKOFF = 30.0  # cap on one wait: with the defaults the five retries wait 3
 # cannot hold a download (and its lock) for ever; the per-read timeout alone never fires on such a server.
 DEFAULT_MIN_RATE = 10_000.0
 RATE_GRACE = 60.0  # seconds before the average rate counts: connecting, TLS, slow start and a retry or two
-# Seconds a download may add no byte to its file before a process waiting for it fetches the file itself: twice the
-# read timeout, so a healthy transfer, which writes at least once per read timeout, never looks stalled; one stuck
-# retrying a dead source may, and then costs the waiter a transfer of its own, never a wrong file.
+# Seconds a download may add no byte before a process waiting for it fetches the file itself (and, for twice that,
+# counts as a dead one's): twice the read timeout, so that a healthy transfer never looks stalled.
 DEFAULT_STALL_TIMEOUT = 60.0
 
 RELEASE_CDN = "https://openaipublic.azureedge.net/clip/"
@@ -72,18 +71,9 @@ class _Retry(Exception):
     """A failure worth another attempt at the same source: connection error, timeout, 5xx, cut-off body."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Settings
-
-
 def offline_variable() -> Optional[str]:
-    """The first of ``CLIP_OFFLINE``, ``HF_HUB_OFFLINE`` set to 1, true, yes or on (any case), else None.
-
-    Raises
-    ------
-    SettingError
-        If one holds something that is neither true nor false (0, false, no, off or empty).
-    """
+    """The first of ``CLIP_OFFLINE``, ``HF_HUB_OFFLINE`` set to 1, true, yes or on (any case), else None;
+    `SettingError` if one holds something that is neither true nor false (0, false, no, off or empty)."""
     for name in _OFFLINE_VARIABLES:
         value = os.environ.get(name, "").strip().lower()
         if value in _TRUE:
@@ -123,8 +113,8 @@ def _number(variable: str, default: float, kind: Callable, minimum: float, maxim
     try:
         value = kind(text)
     except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or not minimum <= value <= maximum:
+        value = math.nan
+    if not math.isfinite(value) or not minimum <= value <= maximum:
         article = "an integer" if kind is int else "a number"
         raise SettingError(f"{variable}={text!r} is not {article} from {minimum:g} to {maximum:g}; unset it to get "
                            f"the default ({default:g})")
@@ -132,12 +122,8 @@ def _number(variable: str, default: float, kind: Callable, minimum: float, maxim
 
 
 def download_sources(url: str) -> List[str]:
-    """Return the URLs to try for ``url``, in order, without repeats.
-
-    ``$CLIP_DOWNLOAD_BASE/<file name>`` first when that variable is set, then the URL, then the release CDN's
-    storage origin for URLs on the CDN. Raises `SettingError` for a base that is not an
-    ``http://``, ``https://`` or ``file://`` URL.
-    """
+    """The URLs to try for ``url``, in order: ``$CLIP_DOWNLOAD_BASE/<file name>`` when set, the URL, and the release
+    CDN's storage origin for URLs on the CDN. `SettingError` for a base that is not an http(s):// or file:// URL."""
     sources = []
     base = os.environ.get("CLIP_DOWNLOAD_BASE", "").strip()
     if base:
@@ -153,20 +139,15 @@ def download_sources(url: str) -> List[str]:
 
 def make_opener() -> urllib.request.OpenerDirector:
     """An opener that follows redirects, uses the environment's proxies and its CA bundle, if one is named."""
-    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=_ssl_context()))
-
-
-def _ssl_context() -> ssl.SSLContext:
-    for variable in _CA_VARIABLES:
-        bundle = os.environ.get(variable)
-        if bundle:
-            try:
-                if os.path.isdir(bundle):
-                    return ssl.create_default_context(capath=bundle)
-                return ssl.create_default_context(cafile=bundle)
-            except (OSError, ssl.SSLError) as error:
-                raise SettingError(f"{variable}={bundle} cannot be used as a CA bundle: {error}") from error
-    return ssl.create_default_context()
+    context = ssl.create_default_context()
+    variable = next((name for name in _CA_VARIABLES if os.environ.get(name)), None)
+    if variable is not None:
+        bundle = os.environ[variable]
+        try:
+            context = ssl.create_default_context(**{"capath" if os.path.isdir(bundle) else "cafile": bundle})
+        except (OSError, ssl.SSLError) as error:
+            raise SettingError(f"{variable}={bundle} cannot be used as a CA bundle: {error}") from error
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,17 +155,8 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 class Sink:
-    """Where a transfer puts a body: an open binary file positioned at its end, and the running hash of its bytes.
-
-    Parameters
-    ----------
-    file : binary file
-        Open for writing (and truncating), positioned after the ``size`` bytes it already holds.
-    digest : hashlib hash
-        The hash of those ``size`` bytes; updated with every byte appended.
-    size : int
-        The bytes already there; a transfer asks the server for the rest (an HTTP ``Range`` request).
-    """
+    """Where a transfer puts a body: a binary file open for writing after the ``size`` bytes it holds (a transfer
+    asks the server for the rest), and ``digest``, the running hash of its bytes."""
 
     def __init__(self, file: BinaryIO, digest, size: int) -> None:
         self.file = file
@@ -192,15 +164,15 @@ class Sink:
         self.size = size
         self.spliced = size > 0  # its bytes come from more than one response
         self.resumable = False  # a source has accepted (or offered) Range requests
-        self.on_write: Optional[Callable[[], None]] = None  # called after each chunk: a heartbeat for waiters
+        self.on_write: Optional[Callable[[], None]] = None  # called before each chunk: a heartbeat, and a check
 
     def append(self, chunk: bytes) -> None:
+        if self.on_write is not None:
+            self.on_write()
         self.file.write(chunk)
         self.file.flush()  # in the file at once, so that a killed process leaves every byte received to resume
         self.digest.update(chunk)
         self.size += len(chunk)
-        if self.on_write is not None:
-            self.on_write()
 
     def restart(self) -> None:
         """Drop every byte: the next transfer fetches the whole file."""
@@ -235,27 +207,9 @@ def fetch(url: str, sink: Sink, settings: Settings, opener: urllib.request.Opene
           limit: Optional[int] = None) -> None:
     """Append the rest of ``url``'s body to ``sink``, resuming and retrying with backoff, until the body ends.
 
-    Parameters
-    ----------
-    url : str
-        The source.
-    sink : Sink
-        The file and hash to fill; bytes it holds are resumed from where the server allows it.
-    settings : Settings
-        Timeout, retries, backoff and the minimum average rate.
-    opener : urllib.request.OpenerDirector
-        From `make_opener`.
-    label : str
-        What is downloaded, for the progress bar and messages.
-    limit : int, optional
-        The most bytes the whole file may have; a server that announces or sends more fails at once.
-
-    Raises
-    ------
-    RangeNotSatisfiable
-        If the server has no bytes after the ``sink.size`` bytes already held (HTTP 416).
-    TransferError
-        If this source will not give the rest: an HTTP error, retries spent, too slow or too large.
+    ``label`` names the file in the progress bar and messages; ``limit`` is the most bytes the whole file may have.
+    Raises `RangeNotSatisfiable` if the server has no bytes after those ``sink`` holds (HTTP 416), and
+    `TransferError` if this source will not give the rest (an HTTP error, retries spent, too slow or too large).
     """
     budget = _Budget(limit, settings.min_rate, label)
     failures = 0
@@ -352,8 +306,7 @@ def _connection_failure(error: BaseException, timeout: float) -> Exception:
             f"TLS certificate not trusted ({reason.verify_message}); behind a proxy or firewall that inspects TLS, "
             "point SSL_CERT_FILE or REQUESTS_CA_BUNDLE at its CA bundle")
     if isinstance(reason, socket.gaierror):
-        return TransferError(f"cannot resolve the host name ({reason}); offline machines should set CLIP_OFFLINE=1 "
-                             "or CLIP_DOWNLOAD_BASE")
+        return TransferError(f"cannot resolve the host name ({reason}): no network here, or it needs a proxy")
     if isinstance(reason, (socket.timeout, TimeoutError)):
         return _Retry(f"no answer within {timeout:g} s (CLIP_DOWNLOAD_TIMEOUT)")
     if (isinstance(error, ValueError) or isinstance(reason, (FileNotFoundError, PermissionError))

@@ -801,13 +801,13 @@ def test_a_waiters_own_partial_is_kept_while_it_lives_and_removed_once_it_is_kil
                    and own[0].stat().st_size >= 90_000):  # locked before its first byte
             assert waiter.poll() is None and time.monotonic() < deadline, "the waiter never fetched on its own"
             time.sleep(0.02)
-        monkeypatch.setattr(_cache, "ABANDONED_AFTER", 0.0)  # only the lock tells the live from the abandoned
-        _cache._remove_abandoned(str(sandbox / "model.pt"))
+        # Seen as old at once: only the flock tells the live from the abandoned.
+        _files.remove_abandoned(str(sandbox / "model.pt"), 0.0)
         assert own[0].exists() and waiter.poll() is None  # the waiter lives: its file stays
         waiter.send_signal(signal.SIGKILL)
         waiter.wait(timeout=30)
         assert own[0].exists()
-        _cache._remove_abandoned(str(sandbox / "model.pt"))
+        _files.remove_abandoned(str(sandbox / "model.pt"), 0.0)
         assert not own[0].exists()
     finally:
         stalled_holder.release()

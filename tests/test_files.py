@@ -223,3 +223,16 @@ def test_a_link_at_the_marker_is_refused(tmp_path):
     with pytest.raises(_files.NotAFile):
         _files.Lock(tmp_path / "f", stale_after=60).acquire(0)
     assert (tmp_path / "victim").read_bytes() == b"x"
+
+
+def test_a_holder_whose_lock_was_cleared_learns_it_and_leaves_the_new_one(tmp_path):
+    """Stopped past ``stale_after`` on another host's view, a holder is taken for dead; when it goes on it must stop."""
+    lock = _files.Lock(tmp_path / "f", stale_after=60)
+    assert lock.acquire(0)
+    lock.touch()
+    os.remove(lock.path)
+    plant_marker(tmp_path / "f", 4242, "elsewhere.example")  # the process that took over
+    with pytest.raises(_files.LockLost):
+        lock.touch()
+    lock.release()
+    assert (tmp_path / "f.lock").read_text() == "4242 elsewhere.example\n"
