@@ -184,8 +184,8 @@ def prepare_outputs(features_path: str, list_path: str, record: Record, *, overw
             raise CLIError(f"{label}{because}; --keep-existing keeps it: run without --keep-existing to replace it, "
                            "or choose another --output")
         warn(f"{label}{because}: {redo}")
-    for path in paths:
-        remove_stale_temporaries(path)
+    for path in paths:  # what a killed write left: this run holds the output's lock, no live run is writing them
+        _files.remove_abandoned(path, older_than=0)
     return False
 
 
@@ -255,17 +255,6 @@ def _write_failure(path: str, error: OSError) -> str:
     cause = printable(error.strerror or str(error))
     return (f"cannot write {printable(path)}: {cause}; {_files.write_advice(error)} (or choose another --output), "
             "then run the command again")
-
-
-def remove_stale_temporaries(path: str) -> None:
-    """Remove the temporary files a killed write of ``path`` left (``<path>.<12 hex digits>.tmp``). Called while
-    the output's lock is held: no live run is writing them."""
-    folder, name = os.path.split(path)
-    with contextlib.suppress(OSError):
-        for found in os.listdir(folder or "."):
-            if _files.is_temporary(found, name):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, found))
 
 
 # ----------------------------------------------------------------------------------------------------------------
