@@ -453,6 +453,38 @@ def test_the_causal_mask_is_made_once_per_device_and_dtype(state_dict):
     assert mask.dtype == torch.float32 and torch.equal(mask, torch.full((CONTEXT, CONTEXT), -math.inf).triu(1))
 
 
+@pytest.mark.parametrize("trim_text", [True, False], ids=["trimmed", "full length"])
+def test_a_call_compares_the_shared_mask_once_not_per_block(state_dict, monkeypatch, trim_text):
+    """The blocks' activations are float16 and their attn_mask float32, so each block needs a converted mask: the
+    call checks the mask the blocks share once, and the blocks take the checked one."""
+    model = build_model(state_dict)
+    model.trim_text = trim_text
+    compared = []
+    is_causal = clip._text_trim.is_causal_mask
+    monkeypatch.setattr(clip._text_trim, "is_causal_mask", lambda *a: compared.append(a) or is_causal(*a))
+    encode(model, tokens([3, 5]))
+    assert len(model.transformer.resblocks) > 1 and len(compared) == 1
+
+
+def test_a_changed_mask_in_the_release_dtypes_equals_the_oracle(state_dict):
+    """Where the blocks convert their mask, a mask that is not causal is converted, not taken from the cache."""
+    model = build_model(state_dict)
+    model.transformer.resblocks[1].attn_mask = mask = model.build_attention_mask()
+    mask[:, :20] = 0
+    text = tokens([3, 5, 12])
+    want = oracle(model, text)
+    assert_close(encode(model, text), want, tolerance=1e-2)
+    assert not torch.allclose(want, oracle(build_model(state_dict), text), rtol=1e-2, atol=1e-2)
+
+
+def test_the_mask_cache_is_bounded():
+    like = torch.zeros(1)
+    for size in range(1, 40):
+        clip._text_trim._causal_mask(size, like)
+    info = clip._text_trim._cached_causal_mask.cache_info()
+    assert info.maxsize is not None and info.currsize <= info.maxsize < 39
+
+
 def test_release_dtypes_trimmed_equal_the_full_length(state_dict):
     model = build_model(state_dict)  # float16 weights, float32 LayerNorms: the CUDA release dtypes
     text = tokens([3, 0, 10, 75])
