@@ -14,19 +14,8 @@ from torch import nn
 from . import _text_trim
 from ._errors import StateDictError, format_keys
 
-__all__ = [
-    "AttentionPool2d",
-    "Bottleneck",
-    "CLIP",
-    "LayerNorm",
-    "ModifiedResNet",
-    "QuickGELU",
-    "ResidualAttentionBlock",
-    "Transformer",
-    "VisionTransformer",
-    "build_model",
-    "convert_weights",
-]
+__all__ = ["AttentionPool2d", "Bottleneck", "CLIP", "LayerNorm", "ModifiedResNet", "QuickGELU", "ResidualAttentionBlock",
+           "Transformer", "VisionTransformer", "build_model", "convert_weights"]
 
 # Integer scalars that release archives carry beside the weights; a model has no such attributes.
 ARCHIVE_SCALAR_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -92,24 +81,11 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1)NC: the mean token leads
         x = x + self.positional_embedding[:, None, :].to(x.dtype)  # (HW+1)NC
         x, _ = F.multi_head_attention_forward(
-            query=x[:1], key=x, value=x,
-            embed_dim_to_check=x.shape[-1],
-            num_heads=self.num_heads,
-            q_proj_weight=self.q_proj.weight,
-            k_proj_weight=self.k_proj.weight,
-            v_proj_weight=self.v_proj.weight,
-            in_proj_weight=None,
-            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None,
-            bias_v=None,
-            add_zero_attn=False,
-            dropout_p=0,
-            out_proj_weight=self.c_proj.weight,
-            out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True,
-            training=self.training,
-            need_weights=False,
-        )
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0, out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias, use_separate_proj_weight=True, training=self.training, need_weights=False)
         return x.squeeze(0)  # 1NC -> NC
 
 
@@ -273,48 +249,27 @@ class CLIP(nn.Module):
 
     trim_text: bool = True
 
-    def __init__(self,
-                 embed_dim: int,
+    def __init__(self, embed_dim: int,
                  # vision
-                 image_resolution: int,
-                 vision_layers: Union[Tuple[int, int, int, int], int],
-                 vision_width: int,
+                 image_resolution: int, vision_layers: Union[Tuple[int, int, int, int], int], vision_width: int,
                  vision_patch_size: Optional[int],
                  # text
-                 context_length: int,
-                 vocab_size: int,
-                 transformer_width: int,
-                 transformer_heads: int,
+                 context_length: int, vocab_size: int, transformer_width: int, transformer_heads: int,
                  transformer_layers: int):
         super().__init__()
         self.context_length = context_length
 
         if isinstance(vision_layers, (tuple, list)):
             vision_heads = vision_width * 32 // HEAD_WIDTH  # attention pooling over width * 32 features
-            self.visual = ModifiedResNet(
-                layers=tuple(vision_layers),
-                output_dim=embed_dim,
-                heads=vision_heads,
-                input_resolution=image_resolution,
-                width=vision_width,
-            )
+            self.visual = ModifiedResNet(layers=tuple(vision_layers), output_dim=embed_dim, heads=vision_heads,
+                                         input_resolution=image_resolution, width=vision_width)
         else:
-            vision_heads = vision_width // HEAD_WIDTH
-            self.visual = VisionTransformer(
-                input_resolution=image_resolution,
-                patch_size=vision_patch_size,
-                width=vision_width,
-                layers=vision_layers,
-                heads=vision_heads,
-                output_dim=embed_dim,
-            )
+            self.visual = VisionTransformer(input_resolution=image_resolution, patch_size=vision_patch_size,
+                                            width=vision_width, layers=vision_layers,
+                                            heads=vision_width // HEAD_WIDTH, output_dim=embed_dim)
 
-        self.transformer = Transformer(
-            width=transformer_width,
-            layers=transformer_layers,
-            heads=transformer_heads,
-            attn_mask=self.build_attention_mask(),
-        )
+        self.transformer = Transformer(width=transformer_width, layers=transformer_layers, heads=transformer_heads,
+                                       attn_mask=self.build_attention_mask())
 
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
@@ -540,17 +495,19 @@ def infer_dims(state_dict: Mapping[str, torch.Tensor]) -> ModelDims:
 
     transformer_width = _multiple_of_head_width(_shape(state_dict, "ln_final.weight", 1)[0], "ln_final.weight")
     return ModelDims(
-        embed_dim=_shape(state_dict, "text_projection", 2)[1],
-        image_resolution=image_resolution,
-        vision_layers=vision_layers,
-        vision_width=vision_width,
-        vision_patch_size=vision_patch_size,
+        embed_dim=_shape(state_dict, "text_projection", 2)[1], image_resolution=image_resolution,
+        vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
         context_length=_shape(state_dict, "positional_embedding", 2)[0],
-        vocab_size=_shape(state_dict, "token_embedding.weight", 2)[0],
-        transformer_width=transformer_width,
+        vocab_size=_shape(state_dict, "token_embedding.weight", 2)[0], transformer_width=transformer_width,
         transformer_heads=transformer_width // HEAD_WIDTH,
-        transformer_layers=len(_layer_indices(state_dict, "transformer.resblocks.")),
-    )
+        transformer_layers=len(_layer_indices(state_dict, "transformer.resblocks.")))
+
+
+# The top-level names of a CLIP state dict, and keys the architecture cannot be read without.
+_CLIP_PREFIXES = ("visual.", "transformer.", "token_embedding.", "ln_final.", "positional_embedding",
+                  "text_projection", "logit_scale")
+_REQUIRED_KEYS = ("visual.conv1.weight", "token_embedding.weight", "positional_embedding", "ln_final.weight",
+                  "text_projection", "logit_scale")
 
 
 def _empty_model(dims: ModelDims, *, half: bool) -> CLIP:
@@ -560,13 +517,6 @@ def _empty_model(dims: ModelDims, *, half: bool) -> CLIP:
     if half:
         convert_weights(model)
     return model
-
-
-# The top-level names of a CLIP state dict, and keys the architecture cannot be read without.
-_CLIP_PREFIXES = ("visual.", "transformer.", "token_embedding.", "ln_final.", "positional_embedding",
-                  "text_projection", "logit_scale")
-_REQUIRED_KEYS = ("visual.conv1.weight", "token_embedding.weight", "positional_embedding", "ln_final.weight",
-                  "text_projection", "logit_scale")
 
 
 def _not_clip(reason: str, source: Optional[str]) -> StateDictError:
