@@ -45,6 +45,9 @@ def read_state_dict(path: str) -> StateDict:
         When ``path`` names nothing (``CheckpointNotFoundError``), a folder that is not a checkpoint, or when the
         file is empty, truncated, not a checkpoint, wants to run code, holds no tensors, or holds a model
         that ``clip.model.CLIP`` does not compute exactly.
+    StateDictError
+        (a ``CheckpointError``) When a folder's tensors are not a CLIP state dict, as ``build_model`` raises for a
+        file's.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -69,8 +72,9 @@ def read_folder(path: str) -> StateDict:
     Raises
     ------
     CheckpointError
-        When the folder holds neither configuration file, when the configuration describes an architecture that is not supported or that its weights do not have,
-        or the weights are missing.
+        When the folder holds neither configuration file, when the configuration describes an architecture that
+        is not supported or that its weights do not have, or the weights are missing; ``StateDictError`` when the
+        weights are not a CLIP state dict.
     """
     open_clip_config = os.path.join(path, OPEN_CLIP_CONFIG)
     if os.path.isfile(open_clip_config):
@@ -136,7 +140,8 @@ def _check_agreement(expected: Dict[str, Tuple[str, Any]], state_dict: StateDict
                      path: str) -> None:
     """Refuse weights whose sizes differ from those their configuration gives (a config the weights do not fit).
 
-    ``expected`` maps ``ModelDims`` fields (and ``vision_heads``) to the configuration's option and value.
+    ``expected`` maps ``ModelDims`` fields (and ``vision_heads``) to the configuration's option and value. Weights
+    that are not a CLIP state dict raise ``StateDictError``, as a file's do.
     """
     dims = dataclasses.asdict(checked_dims(state_dict, path))
     if dims["vision_patch_size"] is not None:  # ViT heads; ResNet attention-pool heads are not configured
