@@ -14,8 +14,8 @@ from torch import nn
 from . import _text_trim
 from ._errors import StateDictError, format_keys
 
-__all__ = ["AttentionPool2d", "Bottleneck", "CLIP", "LayerNorm", "ModifiedResNet", "QuickGELU", "ResidualAttentionBlock",
-           "Transformer", "VisionTransformer", "build_model", "convert_weights"]
+__all__ = ["AttentionPool2d", "Bottleneck", "CLIP", "LayerNorm", "ModifiedResNet", "QuickGELU",
+           "ResidualAttentionBlock", "Transformer", "VisionTransformer", "build_model", "convert_weights"]
 
 # Integer scalars that release archives carry beside the weights; a model has no such attributes.
 ARCHIVE_SCALAR_KEYS = ("input_resolution", "context_length", "vocab_size")
