@@ -84,6 +84,8 @@ def ftfy_identity() -> Optional[Callable[[str], bool]]:
     comes out as it went in. The character sets are read from ftfy itself; ``tests/test_tokenizer.py`` checks the
     claim on arbitrary text.
     """
+    from packaging.version import InvalidVersion, Version
+
     try:
         import ftfy
         from ftfy import badness, chardata, fixes
@@ -92,9 +94,10 @@ def ftfy_identity() -> Optional[Callable[[str], bool]]:
         tables = (chardata.LIGATURES, chardata.WIDTH_MAP, chardata.CONTROL_CHARS)
         classes = (chardata.C1_CONTROL_RE, chardata.SINGLE_QUOTE_RE, chardata.DOUBLE_QUOTE_RE, fixes.SURROGATE_RE)
         is_bad = badness.is_bad
-    except (ImportError, AttributeError):
+        major = Version(ftfy.__version__).major
+    except (ImportError, AttributeError, InvalidVersion):
         return None
-    if not ftfy.__version__.startswith("6.") or set(fields) != _FTFY_6_FIELDS:
+    if major != 6 or set(fields) != _FTFY_6_FIELDS:
         return None
     if defaults["normalization"] not in ("NFC", None):
         return None

@@ -25,7 +25,8 @@ class StateDictError(CheckpointError, KeyError):
     """A state dict that is not one of a CLIP model; the message lists the keys or shapes that do not fit.
 
     A ``RuntimeError`` (as every ``CheckpointError``) and a ``KeyError``: the errors the original's ``build_model``
-    raised for keys or shapes ``load_state_dict`` refused and for a missing key.
+    raised for keys or shapes ``load_state_dict`` refused and for a missing key. Made in one place,
+    ``clip.model._not_clip``, for a dict, a file of any format and a folder alike.
     """
 
     __str__ = CheckpointError.__str__  # the message as written: KeyError's own __str__ would quote it

@@ -13,13 +13,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ._checkpoint import read_file
-from ._errors import CheckpointError, StateDictError, format_keys
-from .model import _is_causal, infer_dims
+from ._checkpoint import StateDict, read_file
+from ._errors import CheckpointError, format_keys
+from ._text_trim import is_causal_mask
+from .model import HEAD_WIDTH, MLP_RATIO, checked_dims
 
 __all__ = ["read_state_dict", "read_folder", "to_openai_layout"]
-
-StateDict = Dict[str, torch.Tensor]
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -28,10 +27,6 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin
 # Sharded weights come as <weights file>.index.json, whose "weight_map" names the file holding each tensor.
 _INDEX_SUFFIX = ".index.json"
 
-# clip.model's transformers split their width into heads of this many dimensions (heads = width // 64).
-_HEAD_WIDTH = 64
-# clip.model's MLPs are 4x as wide as the residual stream.
-_MLP_RATIO = 4
 # nn.LayerNorm's default eps, which clip.model's LayerNorms use.
 _LAYER_NORM_EPS = 1e-5
 # transformers' pre-2023 CLIP configs say eos_token_id=2; it then pools at the highest token id, as clip does.
@@ -50,6 +45,9 @@ def read_state_dict(path: str) -> StateDict:
         When ``path`` names nothing (``CheckpointNotFoundError``), a folder that is not a checkpoint, or when the
         file is empty, truncated, not a checkpoint, wants to run code, holds no tensors, or holds a model
         that ``clip.model.CLIP`` does not compute exactly.
+    StateDictError
+        (a ``CheckpointError``) When a folder's tensors are not a CLIP state dict, as ``build_model`` raises for a
+        file's.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -74,8 +72,9 @@ def read_folder(path: str) -> StateDict:
     Raises
     ------
     CheckpointError
-        When the folder holds neither configuration file, when the configuration describes an architecture that is not supported or that its weights do not have,
-        or the weights are missing.
+        When the folder holds neither configuration file, when the configuration describes an architecture that
+        is not supported or that its weights do not have, or the weights are missing; ``StateDictError`` when the
+        weights are not a CLIP state dict.
     """
     open_clip_config = os.path.join(path, OPEN_CLIP_CONFIG)
     if os.path.isfile(open_clip_config):
@@ -141,14 +140,12 @@ def _check_agreement(expected: Dict[str, Tuple[str, Any]], state_dict: StateDict
                      path: str) -> None:
     """Refuse weights whose sizes differ from those their configuration gives (a config the weights do not fit).
 
-    ``expected`` maps ``ModelDims`` fields (and ``vision_heads``) to the configuration's option and value.
+    ``expected`` maps ``ModelDims`` fields (and ``vision_heads``) to the configuration's option and value. Weights
+    that are not a CLIP state dict raise ``StateDictError``, as a file's do.
     """
-    try:
-        dims = dataclasses.asdict(infer_dims(state_dict))
-    except StateDictError as e:
-        raise CheckpointError(f"{path} is not a CLIP checkpoint: {e}") from None
+    dims = dataclasses.asdict(checked_dims(state_dict, path))
     if dims["vision_patch_size"] is not None:  # ViT heads; ResNet attention-pool heads are not configured
-        dims["vision_heads"] = dims["vision_width"] // _HEAD_WIDTH
+        dims["vision_heads"] = dims["vision_width"] // HEAD_WIDTH
     differences = [f"{option}={value!r} where the weights have {dims[name]!r}"
                    for name, (option, value) in expected.items() if name in dims and dims[name] != value]
     if differences:
@@ -292,7 +289,7 @@ def _check_causal_mask(mask: torch.Tensor, key: str, positions: Optional[torch.T
         raise CheckpointError(f"{path}: {key} has shape {tuple(mask.shape)}, where the causal attention mask of the "
                               f"text transformer is context length x context length (positional_embedding: "
                               f"{None if positions is None else tuple(positions.shape)})")
-    if not _is_causal(mask.float(), n):
+    if not is_causal_mask(mask.float(), n):
         raise CheckpointError(f"{path}: {key} is not the causal attention mask that clip's text transformer uses; a "
                               f"text tower with another mask is not supported")
 
@@ -304,7 +301,7 @@ _OPEN_CLIP_OPTIONS: Tuple[Tuple[str, str, Any, Tuple[Any, ...], str], ...] = (
                                        "OpenAI's weights were trained with)"),
     ("", "init_logit_bias", None, (None,), "a learned logit bias (a SigLIP-style sigmoid loss)"),
     ("vision_cfg", "timm_model_name", None, (None,), "a timm image tower"),
-    ("vision_cfg", "head_width", _HEAD_WIDTH, (_HEAD_WIDTH,), "attention heads that are not 64-dimensional"),
+    ("vision_cfg", "head_width", HEAD_WIDTH, (HEAD_WIDTH,), "attention heads that are not 64-dimensional"),
     ("vision_cfg", "ls_init_value", None, (None,), "layer scale"),
     ("vision_cfg", "attentional_pool", False, (False,), "an attentional pooler"),
     ("vision_cfg", "no_ln_pre", False, (False,), "no LayerNorm before the image transformer"),
@@ -353,9 +350,9 @@ def _check_open_clip_config(model_cfg: Mapping[str, Any], config_path: str,
         problems.append("a multimodal text decoder (CoCa)")
     expected = _open_clip_sizes(model_cfg, sections["vision_cfg"], sections["text_cfg"], config_path)
     width, heads = expected["transformer_width"][1], expected["transformer_heads"][1]
-    if heads != width // _HEAD_WIDTH:
+    if heads != width // HEAD_WIDTH:
         problems.append(f"{heads} text attention heads for width {width}, where clip's model uses "
-                        f"width // 64 = {width // _HEAD_WIDTH} heads (text_cfg.heads={heads})")
+                        f"width // {HEAD_WIDTH} = {width // HEAD_WIDTH} heads (text_cfg.heads={heads})")
     if problems:
         raise CheckpointError(f"{config_path} describes an open_clip model that clip's model does not compute "
                               f"exactly: {'; '.join(problems)}. Load it with open_clip instead, e.g. "
@@ -566,12 +563,12 @@ def _hf_tower_problems(tower: str, options: Mapping[str, Any]) -> List[str]:
         problems.append(f"the {tower} tower's layer_norm_eps is {reprlib.repr(eps)}, where clip's model uses "
                         f"{_LAYER_NORM_EPS}")
     width, heads = options["hidden_size"], options["num_attention_heads"]
-    if heads != width // _HEAD_WIDTH:
+    if heads != width // HEAD_WIDTH:
         problems.append(f"the {tower} tower has {heads} attention heads for width {width}, where clip's model uses "
-                        f"width // 64 = {width // _HEAD_WIDTH} heads")
-    if options["intermediate_size"] != _MLP_RATIO * width:
+                        f"width // {HEAD_WIDTH} = {width // HEAD_WIDTH} heads")
+    if options["intermediate_size"] != MLP_RATIO * width:
         problems.append(f"the {tower} tower's MLP is {options['intermediate_size']} wide, where clip's model uses "
-                        f"4 * width = {_MLP_RATIO * width}")
+                        f"{MLP_RATIO} * width = {MLP_RATIO * width}")
     if tower == "text":
         eos, end_of_text = options["eos_token_id"], options["vocab_size"] - 1
         if eos not in (_HF_LEGACY_EOS_ID, end_of_text):

@@ -11,7 +11,6 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from . import _cache, _registry
 from ._checkpoint import no_checkpoint_error
 from ._layouts import read_state_dict
-from ._errors import StateDictError
 from .model import CLIP, build_model, model_from_state_dict  # noqa: F401 (the original's import)
 from . import simple_tokenizer as _simple_tokenizer
 from .simple_tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401  (the original's alias; clients import it)
@@ -163,12 +162,9 @@ def _looks_like_path(name: str) -> bool:
 
 def _build(path: str, device: torch.device) -> CLIP:
     """The plain model from a checkpoint file, its tensors converted once, straight to their device and dtype."""
-    state_dict = read_state_dict(path)
-    try:
-        # As the original: the release's float16 weights everywhere but on the CPU (CUDA, and also mps, xpu, ...).
-        return model_from_state_dict(state_dict, device=device, half=device.type != "cpu", consume=True)
-    except StateDictError as e:  # a KeyError too, as the original's build_model raised for such a file
-        raise StateDictError(f"{path} is not a CLIP checkpoint: {e}") from e
+    # As the original: the release's float16 weights everywhere but on the CPU (CUDA, and also mps, xpu, ...).
+    return model_from_state_dict(read_state_dict(path), device=device, half=device.type != "cpu", consume=True,
+                                 source=path)
 
 
 def __getattr__(name: str) -> Any:

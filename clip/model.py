@@ -3,34 +3,26 @@ must never change: hooks, fine-tuning code and saved checkpoints rely on them.
 """
 import dataclasses
 import math
-import pathlib
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from . import _text_trim
 from ._errors import StateDictError, format_keys
 
-__all__ = [
-    "AttentionPool2d",
-    "Bottleneck",
-    "CLIP",
-    "LayerNorm",
-    "ModifiedResNet",
-    "QuickGELU",
-    "ResidualAttentionBlock",
-    "Transformer",
-    "VisionTransformer",
-    "build_model",
-    "convert_weights",
-]
+__all__ = ["AttentionPool2d", "Bottleneck", "CLIP", "LayerNorm", "ModifiedResNet", "QuickGELU",
+           "ResidualAttentionBlock", "Transformer", "VisionTransformer", "build_model", "convert_weights"]
 
 # Integer scalars that release archives carry beside the weights; a model has no such attributes.
 ARCHIVE_SCALAR_KEYS = ("input_resolution", "context_length", "vocab_size")
+# CLIP's transformers split their width into attention heads of this many dimensions (heads = width // 64).
+HEAD_WIDTH = 64
+# CLIP's MLPs are this many times as wide as the residual stream.
+MLP_RATIO = 4
 
 
 class Bottleneck(nn.Module):
@@ -89,24 +81,11 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1)NC: the mean token leads
         x = x + self.positional_embedding[:, None, :].to(x.dtype)  # (HW+1)NC
         x, _ = F.multi_head_attention_forward(
-            query=x[:1], key=x, value=x,
-            embed_dim_to_check=x.shape[-1],
-            num_heads=self.num_heads,
-            q_proj_weight=self.q_proj.weight,
-            k_proj_weight=self.k_proj.weight,
-            v_proj_weight=self.v_proj.weight,
-            in_proj_weight=None,
-            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None,
-            bias_v=None,
-            add_zero_attn=False,
-            dropout_p=0,
-            out_proj_weight=self.c_proj.weight,
-            out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True,
-            training=self.training,
-            need_weights=False,
-        )
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0, out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias, use_separate_proj_weight=True, training=self.training, need_weights=False)
         return x.squeeze(0)  # 1NC -> NC
 
 
@@ -184,9 +163,9 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_head)
         self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)),
+            ("c_fc", nn.Linear(d_model, d_model * MLP_RATIO)),
             ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(d_model * 4, d_model)),
+            ("c_proj", nn.Linear(d_model * MLP_RATIO, d_model)),
         ]))
         self.ln_2 = LayerNorm(d_model)
         self.attn_mask = attn_mask
@@ -194,7 +173,7 @@ class ResidualAttentionBlock(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.attn_mask
         if mask is not None:
-            mask = _mask_for(mask, x)
+            mask = _text_trim.attention_mask(mask, x)
         return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,63 +234,42 @@ class VisionTransformer(nn.Module):
         return x
 
 
+@_text_trim.trims(Transformer, ResidualAttentionBlock, LayerNorm, QuickGELU)
 class CLIP(nn.Module):
     """Contrastive image-text model: an image encoder, a causal text transformer and a learned temperature.
 
     Attributes
     ----------
     trim_text : bool
-        ``True`` (the default) lets ``encode_text`` run each row only up to its end-of-text token when it can prove
-        that this computes the same features (see ``encode_text``). Set it to ``False`` to always run all
-        ``context_length`` positions, as the original does: for code that patches torch functions other than those
-        the check knows, and that must see the full shapes.
+        ``True`` (the default) lets ``encode_text`` run each row only up to its end-of-text token where
+        ``clip._text_trim`` proves that this computes the same features. ``False`` always runs all
+        ``context_length`` positions, as the original: for code that patches other torch functions than those the
+        check knows, and that must see the full shapes.
     """
 
     trim_text: bool = True
 
-    def __init__(self,
-                 embed_dim: int,
+    def __init__(self, embed_dim: int,
                  # vision
-                 image_resolution: int,
-                 vision_layers: Union[Tuple[int, int, int, int], int],
-                 vision_width: int,
+                 image_resolution: int, vision_layers: Union[Tuple[int, int, int, int], int], vision_width: int,
                  vision_patch_size: Optional[int],
                  # text
-                 context_length: int,
-                 vocab_size: int,
-                 transformer_width: int,
-                 transformer_heads: int,
+                 context_length: int, vocab_size: int, transformer_width: int, transformer_heads: int,
                  transformer_layers: int):
         super().__init__()
         self.context_length = context_length
 
         if isinstance(vision_layers, (tuple, list)):
-            # ResNet attention pooling uses 64-dimensional heads over its width * 32 features.
-            vision_heads = vision_width * 32 // 64
-            self.visual = ModifiedResNet(
-                layers=tuple(vision_layers),
-                output_dim=embed_dim,
-                heads=vision_heads,
-                input_resolution=image_resolution,
-                width=vision_width,
-            )
+            vision_heads = vision_width * 32 // HEAD_WIDTH  # attention pooling over width * 32 features
+            self.visual = ModifiedResNet(layers=tuple(vision_layers), output_dim=embed_dim, heads=vision_heads,
+                                         input_resolution=image_resolution, width=vision_width)
         else:
-            vision_heads = vision_width // 64  # CLIP's transformers all use 64-dimensional heads
-            self.visual = VisionTransformer(
-                input_resolution=image_resolution,
-                patch_size=vision_patch_size,
-                width=vision_width,
-                layers=vision_layers,
-                heads=vision_heads,
-                output_dim=embed_dim,
-            )
+            self.visual = VisionTransformer(input_resolution=image_resolution, patch_size=vision_patch_size,
+                                            width=vision_width, layers=vision_layers,
+                                            heads=vision_width // HEAD_WIDTH, output_dim=embed_dim)
 
-        self.transformer = Transformer(
-            width=transformer_width,
-            layers=transformer_layers,
-            heads=transformer_heads,
-            attn_mask=self.build_attention_mask(),
-        )
+        self.transformer = Transformer(width=transformer_width, layers=transformer_layers, heads=transformer_heads,
+                                       attn_mask=self.build_attention_mask())
 
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
@@ -358,7 +316,7 @@ class CLIP(nn.Module):
         """The causal additive mask: -inf above the diagonal, so a position never attends to later ones."""
         # Always a real CPU tensor, also while the model is being built on the meta device: every text block holds
         # it as ``attn_mask``, and a CPU mask can be checked for causality without a device sync. The blocks run
-        # with a copy on the activations' device and dtype, made once (_mask_for).
+        # with a copy on the activations' device and dtype, made once (_text_trim.attention_mask).
         mask = torch.full((self.context_length, self.context_length), float("-inf"), device="cpu")
         return mask.triu_(1)
 
@@ -384,9 +342,8 @@ class CLIP(nn.Module):
 
         Notes
         -----
-        Under the causal mask a row's features depend only on its positions up to its end of text, so when
-        ``_trims_text`` proves it computes the same features, rows run in groups, each only as far as its longest
-        row (the README's "The text fast path"). Otherwise, or with ``trim_text = False``, all positions run.
+        Rows run only up to their end of text where ``clip._text_trim`` proves it computes the same features (the
+        README's "The text fast path"); otherwise, or with ``trim_text = False``, all positions run.
 
         Raises
         ------
@@ -401,10 +358,7 @@ class CLIP(nn.Module):
                                f"default)")
         x = self.token_embedding(text).type(self.dtype)  # [N, n_ctx, d_model]
         eot = text.argmax(dim=-1)  # [N]: the end-of-text token has the highest id in each row
-        if text.shape[0] and self._trims_text(text):
-            x = self._text_tower_trimmed(x, eot)
-        else:
-            x = self._text_tower(x, eot)
+        x = _text_trim.text_tower(self, x, eot)  # [N, d_model]
         return x @ self.text_projection  # [N, embed_dim]
 
     def _text_tower(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
@@ -420,49 +374,6 @@ class CLIP(nn.Module):
         x = self.ln_final(x).type(self.dtype)
         return x[torch.arange(x.shape[0], device=x.device), eot]  # [N, d_model]
 
-    def _text_tower_trimmed(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """``_text_tower``, with rows grouped by end-of-text position and each group run only up to its longest."""
-        # The one host read of the call (a stream sync on CUDA): how many rows end at each position.
-        counts = torch.bincount(eot.cpu(), minlength=x.shape[1]).tolist()  # [n_ctx]
-        groups = _length_groups(counts, _GROUP_OVERHEAD.get(x.device.type, _GROUP_OVERHEAD["cuda"]))
-        if len(groups) == 1:
-            return self._text_tower(x[:, :groups[0][1]], eot)
-        # Sorted by end of text, the rows of each group are a run of `order`; groups end between distinct positions.
-        order = torch.argsort(eot)  # [N]
-        parts, start = [], 0
-        for rows, length in groups:
-            index = order[start:start + rows]  # [rows]
-            parts.append(self._text_tower(x[:, :length].index_select(0, index), eot.index_select(0, index)))
-            start += rows
-        return torch.cat(parts)[torch.argsort(order)]  # [N, d_model], back in the rows' order
-
-    def _trims_text(self, text: torch.Tensor) -> bool:
-        """Whether running rows only up to their end of text provably computes what the full length computes.
-
-        It does when the text path is this package's own causal computation and nothing can observe the shapes:
-        ``trim_text`` is set; ``text`` is a plain tensor in an eager run (no tracing, scripting, compiling,
-        exporting, fake or proxy tensors, functorch transform such as ``vmap`` or ``grad``, or CUDA-graph capture);
-        no global module hook is registered and the torch functions and methods the text path calls are torch's
-        own; the model is a ``CLIP`` and every text module (``transformer`` and everything in it, ``ln_final``) is
-        exactly one of the classes the text path is made of, not a subclass, with no hook and no ``forward`` or
-        ``attention`` set on the instance; and every block's ``attn_mask`` is a CPU tensor equal to the causal mask
-        of ``context_length`` (a CPU comparison, so checking never waits for a device). Where this torch lacks a
-        private name the check reads (``_PRIVATE_TORCH_NAMES``), it cannot tell, and answers no.
-        """
-        if not self.trim_text or type(self) is not CLIP or not _runs_eagerly(text):
-            return False
-        if _private_torch_missing(self) or _has_global_hooks() or _torch_patched():
-            return False
-        causal = set()  # ids of the masks checked in this call: the blocks usually share one
-        for module in (*self.transformer.modules(), self.ln_final):
-            if type(module) not in _TEXT_MODULE_TYPES or _has_hooks(module) or _overridden_on_instance(module):
-                return False
-            if type(module) is ResidualAttentionBlock and id(module.attn_mask) not in causal:
-                if not _is_causal(module.attn_mask, self.context_length):
-                    return False
-                causal.add(id(module.attn_mask))
-        return True
-
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         image_features = self.encode_image(image)
         text_features = self.encode_text(text)
@@ -474,201 +385,6 @@ class CLIP(nn.Module):
         logits_per_image = logit_scale * image_features @ text_features.t()  # [N_image, N_text]
         logits_per_text = logits_per_image.t()  # [N_text, N_image]
         return logits_per_image, logits_per_text
-
-
-# The classes the text path is made of. A subclass, or any other module in its place, may compute something that is
-# not causal or observe the shapes, so encode_text trims only a text path built of exactly these.
-_TEXT_MODULE_TYPES = frozenset((Transformer, ResidualAttentionBlock, LayerNorm, QuickGELU, nn.Sequential,
-                                nn.MultiheadAttention, nn.Linear, NonDynamicallyQuantizableLinear))
-
-
-def _text_path_functions() -> Tuple[Tuple[object, str, object], ...]:
-    """(owner, name, function) for what the text path calls by name: the forward and attention methods of its
-    classes and their bases (LayerNorm calls nn.LayerNorm.forward), and the torch functions those look up."""
-    owners = [(F, ("layer_norm", "linear", "multi_head_attention_forward", "scaled_dot_product_attention")),
-              (torch, ("sigmoid",)), (nn.Module, ("__call__", "_call_impl"))]  # _call_impl: _PRIVATE_TORCH_NAMES
-    bases = {base for cls in _TEXT_MODULE_TYPES for base in cls.__mro__
-             if issubclass(base, nn.Module) and base is not nn.Module}
-    owners += [(cls, ("forward", "attention")) for cls in sorted(bases, key=lambda c: c.__qualname__)]
-    return tuple((owner, name, getattr(owner, name)) for owner, names in owners for name in names
-                 if hasattr(owner, name))
-
-
-def _written_in_torch(function: object) -> bool:
-    """Whether ``function`` is torch's own: a C function, or Python code from a file inside a ``torch`` folder."""
-    code = getattr(function, "__code__", None)
-    return code is None or "torch" in pathlib.PurePath(code.co_filename).parts
-
-
-_TEXT_PATH_FUNCTIONS = _text_path_functions()
-# A patch made before this module was imported is in the snapshot itself: it shows as code written elsewhere.
-_PATCHED_BEFORE_IMPORT = not all(_written_in_torch(function) for owner, _, function in _TEXT_PATH_FUNCTIONS
-                                 if getattr(owner, "__module__", None) != __name__)
-
-
-def _torch_patched() -> bool:
-    """Whether a function the text path calls by name is not torch's (or this module's) own."""
-    return _PATCHED_BEFORE_IMPORT or any(getattr(owner, name, None) is not function
-                                         for owner, name, function in _TEXT_PATH_FUNCTIONS)
-
-
-def _overridden_on_instance(module: nn.Module) -> bool:
-    return "forward" in module.__dict__ or "attention" in module.__dict__
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Private torch names: the one place the trimming guard reads them. Nothing public tells whether a module or the
-# process has hooks, whether a fake or proxy dispatch mode is active (make_fx, non-strict torch.export), or whether
-# a functorch transform (vmap, grad) holds the run. Each name below is present, with the meaning used here, in
-# torch 2.4.1, 2.14.1 and 2.15.0 (checked). Should a later torch lack one, the guard cannot prove that nothing
-# observes the shapes, so encode_text stops trimming (all context_length positions run: the same features, more
-# work) rather than trimming with a weaker check, and tests/test_text_path.py::test_the_private_torch_names_exist
-# fails on that torch. (NonDynamicallyQuantizableLinear, imported above, fails the import instead.)
-
-# The hook dicts of every nn.Module instance.
-_MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# The process-wide hook dicts (nn.modules.module.register_module_forward_hook and its kin fill them).
-_GLOBAL_HOOK_DICTS = tuple("torch.nn.modules.module._global" + name for name in _MODULE_HOOK_DICTS)
-_PRIVATE_TORCH_NAMES = _GLOBAL_HOOK_DICTS + (
-    "torch._C._TorchDispatchModeKey.FAKE",  # the dispatch modes that turn a run into a graph
-    "torch._C._TorchDispatchModeKey.PROXY",
-    "torch._C._get_dispatch_mode",
-    "torch._C._functorch.peek_interpreter_stack",  # the innermost functorch transform, or None
-    "torch.nn.Module._call_impl",  # what nn.Module.__call__ runs, looked up by name (so a patch must be seen)
-)
-_MISSING = object()  # true, so a missing hook dict counts as holding a hook
-
-
-def _private_torch(name: str) -> object:
-    """The object at the dotted ``name`` (``torch.`` and a path of attributes), or ``_MISSING``."""
-    obj = torch
-    for part in name.split(".")[1:]:
-        obj = getattr(obj, part, _MISSING)
-        if obj is _MISSING:
-            break
-    return obj
-
-
-def _private_torch_missing(module: nn.Module) -> List[str]:
-    """The private torch names the guard reads that this torch lacks, ``module``'s hook dicts included."""
-    missing = [name for name in _PRIVATE_TORCH_NAMES if _private_torch(name) is _MISSING]
-    return missing + [f"{type(module).__name__}().{name}" for name in _MODULE_HOOK_DICTS
-                      if not isinstance(getattr(module, name, None), dict)]
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, _MISSING) for name in _MODULE_HOOK_DICTS)
-
-
-def _has_global_hooks() -> bool:
-    return any(_private_torch(name) for name in _GLOBAL_HOOK_DICTS)
-
-
-def _is_recording() -> bool:
-    """Whether the run is being recorded as a graph: tracing, scripting, compiling, exporting, fake or proxy
-    tensors. A graph would keep one batch's lengths, and host reads of tensor values are not allowed in it."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return True
-    # Public, but not in torch 2.4.1, where torch.export's strict mode compiles (is_compiling) and its non-strict
-    # mode runs under the proxy and fake dispatch modes checked below.
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is not None and is_exporting():
-        return True
-    get_mode = _private_torch("torch._C._get_dispatch_mode")
-    keys = [_private_torch("torch._C._TorchDispatchModeKey." + key) for key in ("FAKE", "PROXY")]
-    if get_mode is _MISSING or _MISSING in keys:
-        return True  # cannot tell: count it as recorded
-    return any(get_mode(key) is not None for key in keys)
-
-
-def _runs_eagerly(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a plain tensor of an eager run whose values the host may read: nothing records the run
-    (``_is_recording``), no functorch transform (``vmap``, ``grad``) holds it, no CUDA graph is being captured."""
-    if type(x) is not torch.Tensor or x.device.type == "meta" or _is_recording():
-        return False
-    peek = _private_torch("torch._C._functorch.peek_interpreter_stack")
-    if peek is _MISSING or peek() is not None:
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-# What running one more group costs beyond its rows' positions, in row-positions (one row run one position further):
-# on the CPU each group reads all the text weights once more (measured: benchmarks/README.md, "Text groups: the cost
-# of one more"); on CUDA, launching a group's kernels takes as long as thousands of positions compute (an estimate).
-_GROUP_OVERHEAD = {"cpu": 64, "cuda": 4096}
-
-
-def _length_groups(counts: Sequence[int], overhead: int) -> List[Tuple[int, int]]:
-    """Split rows into groups by length so that running each group up to its longest row costs the least.
-
-    ``counts[i]`` rows are ``i + 1`` positions long (at least one row). A group of ``r`` rows whose longest is
-    ``L`` costs ``r * L + overhead``. Returns ``[(rows, L), ...]`` in increasing ``L``: sorted by length, the
-    rows of each group come next.
-    """
-    lengths = [i + 1 for i, count in enumerate(counts) if count]
-    sizes = [counts[length - 1] for length in lengths]
-    total_rows, longest = sum(sizes), lengths[-1]
-    if total_rows * longest - sum(n * length for n, length in zip(sizes, lengths)) <= overhead:
-        return [(total_rows, longest)]  # padding every row to the longest wastes less than a second group costs
-    # Over the distinct lengths in increasing order: shorter[j] rows are shorter than lengths[j]; best[j] is the
-    # least cost of those rows and cut[j] the index where its last group starts.
-    shorter = [0]
-    for n in sizes:
-        shorter.append(shorter[-1] + n)
-    best, cut = [0], [0]
-    for j in range(1, len(lengths) + 1):
-        cost, start = min((best[i] + (shorter[j] - shorter[i]) * lengths[j - 1], i) for i in range(j))
-        best.append(cost + overhead)
-        cut.append(start)
-    groups, j = [], len(lengths)
-    while j:
-        groups.append((shorter[j] - shorter[cut[j]], lengths[j - 1]))
-        j = cut[j]
-    return groups[::-1]
-
-
-# The causal masks the blocks run with, one per (size, device, dtype): made once, so no forward pass copies one.
-_CAUSAL_MASKS: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _causal_mask(size: int, like: torch.Tensor) -> torch.Tensor:
-    """The ``size x size`` causal additive mask on ``like``'s device and in its dtype."""
-    key = (size, like.device, like.dtype)
-    mask = _CAUSAL_MASKS.get(key)
-    if mask is None:
-        with torch.inference_mode(False):  # a normal tensor, usable by autograd even if made in inference mode
-            mask = torch.full((size, size), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
-        if _runs_eagerly(like):  # not a fake tensor, a vmap level's or a CUDA graph pool's
-            _CAUSAL_MASKS[key] = mask
-    return mask
-
-
-def _is_causal(mask: Optional[torch.Tensor], size: Optional[int] = None) -> bool:
-    """Whether ``mask`` is a CPU tensor equal to the causal additive mask (of ``size`` rows if given).
-
-    Only CPU masks are compared, so that checking never waits for a device; a mask elsewhere counts as not causal.
-    """
-    if not (isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and mask.is_floating_point()
-            and mask.dim() == 2 and mask.shape[0] == mask.shape[1] and size in (None, mask.shape[0])):
-        return False
-    return torch.equal(mask, _causal_mask(mask.shape[0], mask))
-
-
-def _mask_for(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The attention mask for ``x`` (L, N, D): ``mask``'s top-left L x L corner, on ``x``'s device and dtype.
-
-    A causal mask's top-left corner is the causal mask of the shorter sequence, so any length up to the mask's
-    works (encode_text runs trimmed sequences; clients call the transformer directly). A causal mask comes from
-    ``_causal_mask``, made once per device and dtype; another mask is converted on every call, as the original
-    did, and so is any mask while a graph is recorded.
-    """
-    length = x.shape[0]
-    if mask.device != x.device or mask.dtype != x.dtype:
-        if not _is_recording() and _is_causal(mask):
-            mask = _causal_mask(mask.shape[0], x)
-        else:
-            mask = mask[:length, :length].to(dtype=x.dtype, device=x.device)
-    return mask[:length, :length]  # a view: nothing is copied
 
 
 def convert_weights(model: nn.Module) -> None:
@@ -744,10 +460,10 @@ def _grid(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
 
 
 def _multiple_of_head_width(width: int, key: str) -> int:
-    # CLIP's transformers use 64-dimensional attention heads: width // 64 heads, at least one, dividing the width.
-    if width % 64:
-        raise StateDictError(f"{key} gives the width {width}, which is not a multiple of 64 (CLIP's transformers "
-                             f"use 64-dimensional attention heads)")
+    # width // HEAD_WIDTH heads, at least one, dividing the width.
+    if width % HEAD_WIDTH:
+        raise StateDictError(f"{key} gives the width {width}, which is not a multiple of {HEAD_WIDTH} (CLIP's "
+                             f"transformers use {HEAD_WIDTH}-dimensional attention heads)")
     return width
 
 
@@ -779,17 +495,19 @@ def infer_dims(state_dict: Mapping[str, torch.Tensor]) -> ModelDims:
 
     transformer_width = _multiple_of_head_width(_shape(state_dict, "ln_final.weight", 1)[0], "ln_final.weight")
     return ModelDims(
-        embed_dim=_shape(state_dict, "text_projection", 2)[1],
-        image_resolution=image_resolution,
-        vision_layers=vision_layers,
-        vision_width=vision_width,
-        vision_patch_size=vision_patch_size,
+        embed_dim=_shape(state_dict, "text_projection", 2)[1], image_resolution=image_resolution,
+        vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
         context_length=_shape(state_dict, "positional_embedding", 2)[0],
-        vocab_size=_shape(state_dict, "token_embedding.weight", 2)[0],
-        transformer_width=transformer_width,
-        transformer_heads=transformer_width // 64,  # 64-dimensional heads
-        transformer_layers=len(_layer_indices(state_dict, "transformer.resblocks.")),
-    )
+        vocab_size=_shape(state_dict, "token_embedding.weight", 2)[0], transformer_width=transformer_width,
+        transformer_heads=transformer_width // HEAD_WIDTH,
+        transformer_layers=len(_layer_indices(state_dict, "transformer.resblocks.")))
+
+
+# The top-level names of a CLIP state dict, and keys the architecture cannot be read without.
+_CLIP_PREFIXES = ("visual.", "transformer.", "token_embedding.", "ln_final.", "positional_embedding",
+                  "text_projection", "logit_scale")
+_REQUIRED_KEYS = ("visual.conv1.weight", "token_embedding.weight", "positional_embedding", "ln_final.weight",
+                  "text_projection", "logit_scale")
 
 
 def _empty_model(dims: ModelDims, *, half: bool) -> CLIP:
@@ -801,22 +519,26 @@ def _empty_model(dims: ModelDims, *, half: bool) -> CLIP:
     return model
 
 
-# The top-level names of a CLIP state dict, and keys the architecture cannot be read without.
-_CLIP_PREFIXES = ("visual.", "transformer.", "token_embedding.", "ln_final.", "positional_embedding",
-                  "text_projection", "logit_scale")
-_REQUIRED_KEYS = ("visual.conv1.weight", "token_embedding.weight", "positional_embedding", "ln_final.weight",
-                  "text_projection", "logit_scale")
+def _not_clip(reason: str, source: Optional[str]) -> StateDictError:
+    """The error for a state dict that is not CLIP's, for every format: ``"<source> is not a CLIP checkpoint: "``
+    before ``reason`` when the dict was read from ``source`` (a file or folder)."""
+    return StateDictError(f"{source} is not a CLIP checkpoint: {reason}" if source else reason)
 
 
-def _describe_foreign_keys(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Name the required keys a dict lacks and the keys no CLIP model has."""
-    missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
-    unexpected = [k for k in state_dict if not k.startswith(_CLIP_PREFIXES)]
-    return (f"missing keys ({len(missing)}): {format_keys(missing)}; "
-            f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
+def checked_dims(state_dict: Mapping[str, torch.Tensor], source: Optional[str] = None) -> ModelDims:
+    """``infer_dims``, whose error also names the required keys the dict lacks and the keys no CLIP model has."""
+    try:
+        return infer_dims(state_dict)
+    except StateDictError as e:
+        missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
+        unexpected = [k for k in state_dict if not k.startswith(_CLIP_PREFIXES)]
+        reason = (f"{e}; missing keys ({len(missing)}): {format_keys(missing)}; "
+                  f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
+    raise _not_clip(reason, source) from None
 
 
-def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> None:
+def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                source: Optional[str]) -> None:
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
@@ -829,11 +551,11 @@ def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.
         lines.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
     for k in wrong_shape[:20]:
         lines.append(f"shape of {k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}")
-    raise StateDictError("; ".join(lines))
+    raise _not_clip("; ".join(lines), source)
 
 
 def model_from_state_dict(state_dict: Dict[str, torch.Tensor], *, device: Union[str, torch.device, None] = None,
-                          half: bool = True, consume: bool = False) -> CLIP:
+                          half: bool = True, consume: bool = False, source: Optional[str] = None) -> CLIP:
     """Build a CLIP whose parameters are the given tensors, converted once to their final device and dtype.
 
     ``device`` defaults to the CPU, as the original's ``build_model``; a dict of ``meta`` tensors (shapes only)
@@ -843,30 +565,27 @@ def model_from_state_dict(state_dict: Dict[str, torch.Tensor], *, device: Union[
     floating tensor is float32. With ``consume``, tensors are popped from ``state_dict`` as they are converted, so a
     loader that owns the dict never holds the file's copy and the converted copy of every tensor at once.
 
-    Every shape is checked against the architecture the shapes give before any tensor is converted.
+    Every shape is checked against the architecture the shapes give before any tensor is converted; a
+    ``StateDictError`` names ``source``, the file or folder the dict was read from.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"a state dict is a mapping of keys to tensors, not a {type(state_dict).__name__}")
-    source = state_dict if consume else dict(state_dict)
+    weights = state_dict if consume else dict(state_dict)
     for key in ARCHIVE_SCALAR_KEYS:
-        source.pop(key, None)
-    try:
-        dims = infer_dims(source)
-    except StateDictError as e:
-        raise StateDictError(f"{e}; {_describe_foreign_keys(source)}") from None
-    model = _empty_model(dims, half=half)
+        weights.pop(key, None)
+    model = _empty_model(checked_dims(weights, source), half=half)
     targets = model.state_dict()
-    _check_keys(targets, source)
+    _check_keys(targets, weights, source)
 
-    weights = {}
+    converted = {}
     for key, target in targets.items():
-        tensor = source.pop(key)
+        tensor = weights.pop(key)
         dtype = target.dtype if (half or not target.dtype.is_floating_point) else torch.float32
         to = device or ("meta" if tensor.is_meta else "cpu")
         # copy=True: the result owns its memory even when the input is a memory-mapped view of a file that may be
         # rewritten later; a float16 -> float32 conversion copies anyway.
-        weights[key] = tensor.to(device=to, dtype=dtype, copy=True)
-    model.load_state_dict(weights, strict=True, assign=True)
+        converted[key] = tensor.to(device=to, dtype=dtype, copy=True)
+    model.load_state_dict(converted, strict=True, assign=True)
     return model.eval()
 
 

@@ -451,3 +451,35 @@ def test_attention_mask_other_than_causal_is_refused():
     state_dict = dict(random_state_dict(TINY_VIT), attn_mask=torch.zeros(CONTEXT, CONTEXT))
     with pytest.raises(CheckpointError, match="attn_mask is not the causal attention mask"):
         _layouts.to_openai_layout(state_dict, "x")
+
+
+def _drop_from_safetensors(path, key):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    del tensors[key]
+    save_file(tensors, str(path))
+
+
+def test_not_a_clip_checkpoint_is_one_error_for_every_format(tmp_path):
+    """A ``.pt``, a ``.safetensors``, a Hugging Face and an open_clip folder without the text projection: the same
+    ``StateDictError`` (a KeyError and a RuntimeError, as the original's build_model raised), naming the path."""
+    from safetensors.torch import save_file
+    from clip.model import StateDictError
+
+    weights = {k: v for k, v in random_state_dict(TINY_VIT).items()
+               if k not in ARCHIVE_SCALAR_KEYS and k != "text_projection"}
+    pt = save_state_dict(tmp_path / "broken.pt", weights)
+    safetensors = tmp_path / "broken.safetensors"
+    save_file(weights, str(safetensors))
+    hf = save_hf(hf_model(), tmp_path / "hf")
+    _drop_from_safetensors(hf / "model.safetensors", "text_projection.weight")
+    open_clip_folder = save_open_clip_folder(*open_clip_model(), tmp_path / "oc")
+    _drop_from_safetensors(open_clip_folder / "open_clip_model.safetensors", "text_projection")
+    for path in (pt, safetensors, hf, open_clip_folder):
+        with pytest.raises(StateDictError) as info:
+            load_cpu(path)
+        message = str(info.value)
+        assert message.startswith(f"{path} is not a CLIP checkpoint: not a CLIP state dict: the key "
+                                  f"'text_projection' is missing"), message
+        assert isinstance(info.value, KeyError) and isinstance(info.value, RuntimeError)

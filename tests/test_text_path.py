@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+import clip._text_trim
 import clip.model
 from checkpoints import TINY_VIT, random_state_dict
 from clip.model import CLIP, ResidualAttentionBlock, build_model
@@ -251,7 +252,8 @@ def test_a_patched_function_sees_77_positions(model, monkeypatch, owner, name):
 
 
 def test_a_patch_made_before_import_is_seen():
-    """A patch already in place when clip.model is imported is in its snapshot: it shows as code outside torch."""
+    """A patch already in place when clip is imported, and so before the first look at the functions, shows as code
+    written outside torch; once it is undone, the original is seen."""
     import subprocess
     import sys
 
@@ -260,10 +262,14 @@ import torch
 original = torch.nn.LayerNorm.forward
 torch.nn.LayerNorm.forward = lambda self, x: original(self, x)
 import clip.model
-print(clip.model._torch_patched())
+from clip import _text_trim
+table = _text_trim._module_types(clip.model.CLIP)
+print(_text_trim._torch_patched(table))
+torch.nn.LayerNorm.forward = original
+print(_text_trim._torch_patched(table))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.stdout.split() == ["True"], result.stderr
+    assert result.stdout.split() == ["True", "False"], result.stderr
 
 
 def test_an_overridden_attention_method_sees_the_full_mask(model):
@@ -355,7 +361,7 @@ def test_nothing_trims_inside_transforms_or_graphs():
 
     def probe(name):
         def function(x):
-            seen[name] = clip.model._runs_eagerly(x)
+            seen[name] = clip._text_trim._runs_eagerly(x)
             return x.sum()
         return function
 
@@ -376,31 +382,32 @@ def test_nothing_trims_inside_transforms_or_graphs():
 def test_the_private_torch_names_exist():
     """Every private torch name the guard reads is in this torch. One gone stops trimming (see the next test): this
     test is what says so, naming it, rather than the speed-up quietly disappearing."""
-    assert clip.model._private_torch_missing(torch.nn.Linear(1, 1)) == []
+    assert clip._text_trim._private_torch_missing(torch.nn.Linear(1, 1)) == []
 
 
-PRIVATE_NAMES = {name.rsplit(".", 1)[-1]: name for name in clip.model._PRIVATE_TORCH_NAMES}
+PRIVATE_NAMES = {name.rsplit(".", 1)[-1]: name for name in clip._text_trim._PRIVATE_TORCH_NAMES}
 
 
 @pytest.mark.parametrize("name", list(PRIVATE_NAMES.values()), ids=list(PRIVATE_NAMES))
 def test_without_a_private_torch_name_nothing_trims(model, monkeypatch, name):
     """As in a torch without ``name`` (torch itself still reads its own, so the name is hidden from the guard)."""
-    lookup = clip.model._private_torch
-    monkeypatch.setattr(clip.model, "_private_torch", lambda path: clip.model._MISSING if path == name else lookup(path))
+    lookup = clip._text_trim._torch_attribute
+    monkeypatch.setattr(clip._text_trim, "_torch_attribute",
+                        lambda path: clip._text_trim._MISSING if path == name else lookup(path))
     text = tokens([3, 5])
-    assert clip.model._private_torch_missing(model) == [name]
+    assert clip._text_trim._private_torch_missing(model) == [name]
     assert flops(lambda: encode(model, text)) > full_length_flops(model, 2)
     assert_close(encode(model, text), oracle(model, text))
 
 
-@pytest.mark.parametrize("name", clip.model._MODULE_HOOK_DICTS)
+@pytest.mark.parametrize("name", clip._text_trim._MODULE_HOOK_DICTS)
 def test_a_module_without_a_hook_dict_counts_as_hooked(name):
     """(Torch's own calls need the dicts, so a module without one cannot run: only the guard's reading is checked.)"""
     module = torch.nn.Linear(1, 1)
-    assert not clip.model._has_hooks(module)
+    assert not clip._text_trim._has_hooks(module)
     delattr(module, name)
-    assert clip.model._has_hooks(module)
-    assert clip.model._private_torch_missing(module) == [f"Linear().{name}"]
+    assert clip._text_trim._has_hooks(module)
+    assert clip._text_trim._private_torch_missing(module) == [f"Linear().{name}"]
 
 
 class EncodeText(torch.nn.Module):
@@ -444,6 +451,38 @@ def test_the_causal_mask_is_made_once_per_device_and_dtype(state_dict):
     assert masks[0].untyped_storage().data_ptr() == masks[1].untyped_storage().data_ptr()
     mask = model.transformer.resblocks[0].attn_mask
     assert mask.dtype == torch.float32 and torch.equal(mask, torch.full((CONTEXT, CONTEXT), -math.inf).triu(1))
+
+
+@pytest.mark.parametrize("trim_text", [True, False], ids=["trimmed", "full length"])
+def test_a_call_compares_the_shared_mask_once_not_per_block(state_dict, monkeypatch, trim_text):
+    """The blocks' activations are float16 and their attn_mask float32, so each block needs a converted mask: the
+    call checks the mask the blocks share once, and the blocks take the checked one."""
+    model = build_model(state_dict)
+    model.trim_text = trim_text
+    compared = []
+    is_causal = clip._text_trim.is_causal_mask
+    monkeypatch.setattr(clip._text_trim, "is_causal_mask", lambda *a: compared.append(a) or is_causal(*a))
+    encode(model, tokens([3, 5]))
+    assert len(model.transformer.resblocks) > 1 and len(compared) == 1
+
+
+def test_a_changed_mask_in_the_release_dtypes_equals_the_oracle(state_dict):
+    """Where the blocks convert their mask, a mask that is not causal is converted, not taken from the cache."""
+    model = build_model(state_dict)
+    model.transformer.resblocks[1].attn_mask = mask = model.build_attention_mask()
+    mask[:, :20] = 0
+    text = tokens([3, 5, 12])
+    want = oracle(model, text)
+    assert_close(encode(model, text), want, tolerance=1e-2)
+    assert not torch.allclose(want, oracle(build_model(state_dict), text), rtol=1e-2, atol=1e-2)
+
+
+def test_the_mask_cache_is_bounded():
+    like = torch.zeros(1)
+    for size in range(1, 40):
+        clip._text_trim._causal_mask(size, like)
+    info = clip._text_trim._cached_causal_mask.cache_info()
+    assert info.maxsize is not None and info.currsize <= info.maxsize < 39
 
 
 def test_release_dtypes_trimmed_equal_the_full_length(state_dict):
@@ -492,7 +531,7 @@ def _counts(lengths):
     ([5] * 30 + [6] * 30 + [77] * 4, [(60, 6), (4, 77)]),
 ])
 def test_length_groups(lengths, groups):
-    assert clip.model._length_groups(_counts(lengths), overhead=256) == groups
+    assert clip._text_trim._length_groups(_counts(lengths), overhead=256) == groups
 
 
 def test_length_groups_cost_no_more_than_any_other_split():
@@ -504,7 +543,7 @@ def test_length_groups_cost_no_more_than_any_other_split():
     for _ in range(50):
         lengths = [rng.choice([2, 3, 5, 9, 20, 40, 77]) for _ in range(rng.randint(1, 30))]
         overhead = rng.choice([0, 8, 24, 100])
-        groups = clip.model._length_groups(_counts(lengths), overhead)
+        groups = clip._text_trim._length_groups(_counts(lengths), overhead)
         assert sum(rows for rows, _ in groups) == len(lengths)
         cost = sum(rows * length + overhead for rows, length in groups)
         distinct = sorted(set(lengths))
