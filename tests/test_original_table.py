@@ -46,8 +46,9 @@ def test_table_is_the_original_s():
 # ----------------------------------------------------------------------------------------------------------------
 # Names and signatures
 
-def _resolve(dotted: str) -> Any:
-    """The object at a dotted name, through modules and then attributes (``clip.model.CLIP.encode_text``)."""
+def _resolve(dotted: str, *, static: bool = True) -> Any:
+    """The object at a dotted name, through modules and then attributes (``clip.model.CLIP.encode_text``); a class's
+    attributes as its ``__dict__`` holds them (a staticmethod as such) unless not ``static``."""
     parts = dotted.split(".")
     for split in range(len(parts), 0, -1):
         try:
@@ -56,7 +57,7 @@ def _resolve(dotted: str) -> Any:
             continue
         for part in parts[split:]:
             owner = value
-            value = inspect.getattr_static(owner, part) if inspect.isclass(owner) else getattr(owner, part)
+            value = inspect.getattr_static(owner, part) if static and inspect.isclass(owner) else getattr(owner, part)
         return value
     raise ImportError(dotted)
 
@@ -106,20 +107,6 @@ IMPORTED = {
 }
 
 
-def _imported(dotted: str) -> Any:
-    """The object at a dotted name outside the package: the longest importable module, then attributes."""
-    parts = dotted.split(".")
-    for split in range(len(parts), 0, -1):
-        try:
-            value = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        for part in parts[split:]:
-            value = getattr(value, part)
-        return value
-    raise ImportError(dotted)
-
-
 def _defined_outside_the_package(value: Any) -> bool:
     """A module, or an object whose ``__module__`` is not ``clip``'s (plain values such as dicts have none)."""
     home = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
@@ -140,7 +127,7 @@ def test_the_imported_names_are_all_the_table_takes_from_outside():
     assert set(IMPORTED) <= set(TABLE["names"])
     assert outside <= set(IMPORTED), f"names taken from outside the package: {sorted(outside - set(IMPORTED))}"
     for origin in IMPORTED.values():
-        value = _imported(origin)
+        value = _resolve(origin, static=False)
         assert _defined_outside_the_package(value), origin
 
 
@@ -154,7 +141,7 @@ def test_name(name):
         value, ours = None, {"kind": "missing", "error": repr(e)}
     problem = None
     if name in IMPORTED and ours["kind"] != "missing":
-        if value is not _imported(IMPORTED[name]):
+        if value is not _resolve(IMPORTED[name], static=False):
             problem = f"{name} is not {IMPORTED[name]}, which the original imports"
     elif ours["kind"] != original["kind"]:
         problem = f"{name} is a {ours['kind']}, the original's a {original['kind']}"
