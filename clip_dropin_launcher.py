@@ -11,6 +11,7 @@ came (``repair_command``). Standard library only; see the README's section "Libr
 or OpenAI's package".
 """
 import base64
+import csv
 import hashlib
 import json
 import os
@@ -146,25 +147,36 @@ def _changed_files(distribution: metadata.Distribution) -> Dict[str, str]:
     has (or cannot be read to show) the hash that ``distribution``'s ``RECORD`` gives it. Files recorded without a
     hash (``.pyc``, editable installs) are not checked, nor files that ``RECORD`` does not list."""
     changed = {}
-    for file in distribution.files or ():
-        if file.parts[:1] != (PACKAGE,) or file.hash is None or file.hash.mode not in hashlib.algorithms_available:
+    for path, recorded in _recorded(distribution).items():
+        mode, _, value = (recorded or "").partition("=")
+        if not path.startswith(PACKAGE + "/") or not value or mode not in hashlib.algorithms_available:
             continue
         try:
-            with open(distribution.locate_file(file), "rb") as stream:
-                digest = hashlib.new(file.hash.mode, stream.read()).digest()
+            with open(distribution.locate_file(path), "rb") as stream:
+                digest = hashlib.new(mode, stream.read()).digest()
         except (FileNotFoundError, NotADirectoryError):
-            changed[str(file)] = "removed"
+            changed[path] = "removed"
             continue
         except IsADirectoryError:  # a folder where the file was
-            changed[str(file)] = "replaced"
+            changed[path] = "replaced"
             continue
         except OSError as error:  # there, but this user cannot read it: nobody is known to have replaced it
-            changed[str(file)] = f"unreadable ({error.strerror or error})"
+            changed[path] = f"unreadable ({error.strerror or error})"
             continue
         # RECORD's hash encoding (the wheel format): URL-safe base64 without padding.
-        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii") != file.hash.value:
-            changed[str(file)] = "replaced"
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii") != value:
+            changed[path] = "replaced"
     return changed
+
+
+def _recorded(distribution: metadata.Distribution) -> Dict[str, Optional[str]]:
+    """``{path: "sha256=..." or None}`` for every row of ``distribution``'s RECORD, present on disk or not.
+
+    Read here rather than through ``Distribution.files``, which from Python 3.12 on leaves out the files that no
+    longer exist: the very ones an uninstall of the other distribution deleted.
+    """
+    rows = csv.reader((distribution.read_text("RECORD") or "").splitlines())
+    return {row[0]: (row[1] if len(row) > 1 and row[1] else None) for row in rows if row}
 
 
 def repair_command(distribution: Optional[metadata.Distribution] = None) -> str:
@@ -262,9 +274,8 @@ def _owners(site: str, paths: Sequence[str]) -> Dict[str, List[tuple]]:
         name = distribution.metadata["Name"] or "an unnamed distribution"
         if _normalise(name) == DISTRIBUTION:
             continue
-        for file in distribution.files or ():
-            if str(file) in wanted:
-                owners.setdefault(str(file), []).append((name, distribution.version))
+        for path in wanted.intersection(_recorded(distribution)):
+            owners.setdefault(path, []).append((name, distribution.version))
     return {path: sorted(set(found)) for path, found in owners.items()}
 
 

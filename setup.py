@@ -30,7 +30,16 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.10",
+    # README, "Supported versions": 3.11, 3.13 and 3.14 tested; 3.12 untested (no Debian suite ships it); 3.10 is
+    # past its end of life, and torch 2.15 needs 3.11.
+    python_requires=">=3.11",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Programming Language :: Python :: 3.14",
+    ],
     packages=find_packages(exclude=["tests*", "benchmarks*"]),
     # The clip command starts outside the package, so it can check the package's files before importing them.
     py_modules=["clip_dropin_launcher"],

@@ -5,6 +5,7 @@ vocabulary ships inside the package. Each run gets one temporary folder that hol
 and the temporary files of the run (pytest's ``tmp_path`` included); it is removed when the run ends, so nothing is
 written to the user's cache, home folder or temporary directory.
 """
+import atexit
 import os
 import pathlib
 import shutil
@@ -53,14 +54,11 @@ def pytest_configure(config):
         if variable != "CLIP_CACHE_DIR":
             del os.environ[variable]  # a developer's CLIP_OFFLINE or CLIP_BPE_PATH must not change what tests see
     tempfile.tempdir = os.environ["TMPDIR"]  # pytest's tmp_path and every mkdtemp of the run go here too
-
-
-def pytest_unconfigure(config):
-    global _run_folder
-    if _run_folder is not None:
-        tempfile.tempdir = None
-        shutil.rmtree(_run_folder, ignore_errors=True)
-        _run_folder = None
+    # Removed at exit rather than in pytest_unconfigure: multiprocessing removes its own temporary folder (pymp-*,
+    # made in the run's TMPDIR by a forkserver, the default start method from Python 3.14) in its atexit handler,
+    # and fails with a traceback if the folder is already gone. That handler is registered when multiprocessing.util
+    # is first imported, by torch during the tests, after this; atexit runs the last registered first.
+    atexit.register(shutil.rmtree, _run_folder, ignore_errors=True)
 
 
 @pytest.fixture

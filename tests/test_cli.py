@@ -14,7 +14,7 @@ from PIL import Image
 
 import clip
 import clip.clip
-from clip import _cache, _cli, _outputs, _registry
+from clip import _cache, _registry
 from clip._cli import main
 from checkpoints import TINY_VIT, random_state_dict, save_state_dict
 from httpserver import LocalServer

@@ -3,12 +3,10 @@ checks of what will be written before any work, and one line (or silence, on a c
 
 Each case runs ``clip`` as a user would, on a tiny random ViT and a few tiny images, in seconds.
 """
-import errno
 import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import time

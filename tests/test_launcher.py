@@ -184,13 +184,20 @@ def test_only_model_py_replaced_is_found(tmp_path, module):
 @pytest.mark.parametrize("kind", KINDS)
 def test_uninstalling_the_other_distribution_leaves_a_namespace_package_and_says_so(tmp_path, module, kind):
     """``pip uninstall clip-anytorch`` after it was installed over ours deletes the files the two shared:
-    ``clip/__init__.py`` is gone, ``clip`` is a namespace package, ``clip.__file__`` is None."""
-    site = tmp_path / "site"
+    ``clip/__init__.py`` is gone, ``clip`` is a namespace package, ``clip.__file__`` is None.
+
+    The deleted files are found from RECORD itself (from Python 3.12 on, ``Distribution.files`` leaves out files
+    that no longer exist), and before the question of which ``clip`` Python imports: a whole ``clip`` package
+    later on the path (here ``elsewhere``; in a test environment, the one ``pip install ".[test]"`` put in
+    site-packages) takes ``import clip`` from a namespace portion, but the broken install is still this one."""
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     _install_ours(site, kind, tmp_path)
     _install_foreign(site, "clip-anytorch", "2.6.0", ANYTORCH_FILES)
     _uninstall_foreign(site, "clip-anytorch")
     assert not (site / "clip" / "__init__.py").exists() and (site / "clip" / "__main__.py").exists()
-    result = _clip(tmp_path, "--version", path=[site], module=module)
+    elsewhere.mkdir()
+    _copy_ours(elsewhere)
+    result = _clip(tmp_path, "--version", path=[site, elsewhere], module=module)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr == _message(
         site, "__init__.py, bpe_simple_vocab_16e6.txt.gz, clip.py, model.py and simple_tokenizer.py were removed "

@@ -3,7 +3,8 @@
 ``tests/data/original-behaviour.json`` holds, recorded from the original by ``tests/data/record_original.py``,
 every name of its four modules with its kind and signature, and the outcome of each edge and misuse case of
 ``tests/original_cases.py``. Here every name must exist with a compatible signature (ours may add parameters with
-defaults, never drop or reorder one), every error must be an instance of the original's class, and every result
+defaults, never drop or reorder one; a name both take from the standard library or a dependency must be the same
+object), every error must be an instance of the original's class, and every result
 must have the original's type, shape and dtype. A case or name written in the README's "Differences from the
 original" section may differ (and must: a listed case that no longer differs is stale); nothing else may.
 """
@@ -45,8 +46,9 @@ def test_table_is_the_original_s():
 # ----------------------------------------------------------------------------------------------------------------
 # Names and signatures
 
-def _resolve(dotted: str) -> Any:
-    """The object at a dotted name, through modules and then attributes (``clip.model.CLIP.encode_text``)."""
+def _resolve(dotted: str, *, static: bool = True) -> Any:
+    """The object at a dotted name, through modules and then attributes (``clip.model.CLIP.encode_text``); a class's
+    attributes as its ``__dict__`` holds them (a staticmethod as such) unless not ``static``."""
     parts = dotted.split(".")
     for split in range(len(parts), 0, -1):
         try:
@@ -55,7 +57,7 @@ def _resolve(dotted: str) -> Any:
             continue
         for part in parts[split:]:
             owner = value
-            value = inspect.getattr_static(owner, part) if inspect.isclass(owner) else getattr(owner, part)
+            value = inspect.getattr_static(owner, part) if static and inspect.isclass(owner) else getattr(owner, part)
         return value
     raise ImportError(dotted)
 
@@ -78,15 +80,70 @@ def _signature_problem(original: List[list], ours: Optional[List[list]]) -> Opti
     return None
 
 
+# The names the original's modules import from the standard library and its dependencies (clip-anytorch 2.6.0's
+# import lines) and ours has too: for these the same object is the check, not the kind and signature recorded on
+# Python 3.11, which are the other library's and change with it (typing.Union is a class from Python 3.14 on, and
+# InterpolationMode's signature changed with its enum base). The package's own names stay compared with the table.
+IMPORTED = {
+    "clip.clip.Any": "typing.Any",
+    "clip.clip.List": "typing.List",
+    "clip.clip.Union": "typing.Union",
+    "clip.clip.os": "os",
+    "clip.clip.torch": "torch",
+    "clip.clip.Image": "PIL.Image",
+    "clip.clip.Compose": "torchvision.transforms.Compose",
+    "clip.clip.Resize": "torchvision.transforms.Resize",
+    "clip.clip.CenterCrop": "torchvision.transforms.CenterCrop",
+    "clip.clip.ToTensor": "torchvision.transforms.ToTensor",
+    "clip.clip.Normalize": "torchvision.transforms.Normalize",
+    "clip.clip.InterpolationMode": "torchvision.transforms.InterpolationMode",
+    "clip.clip.BICUBIC": "torchvision.transforms.InterpolationMode.BICUBIC",
+    "clip.model.OrderedDict": "collections.OrderedDict",
+    "clip.model.Tuple": "typing.Tuple",
+    "clip.model.Union": "typing.Union",
+    "clip.model.torch": "torch",
+    "clip.model.nn": "torch.nn",
+    "clip.model.F": "torch.nn.functional",
+}
+
+
+def _defined_outside_the_package(value: Any) -> bool:
+    """A module, or an object whose ``__module__`` is not ``clip``'s (plain values such as dicts have none)."""
+    home = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+    return home is not None and home != "clip" and not home.startswith("clip.")
+
+
+def test_the_imported_names_are_all_the_table_takes_from_outside():
+    """Every name of the table ours takes from outside the package is in IMPORTED, and no name of ours is: the
+    comparison with the recorded kind and signature cannot silently fall away from one of the package's names."""
+    outside = set()
+    for name in TABLE["names"]:
+        try:
+            value = _resolve(name)
+        except (AttributeError, ImportError):
+            continue  # missing: test_name and the README's differences table speak for it
+        if _defined_outside_the_package(value):
+            outside.add(name)
+    assert set(IMPORTED) <= set(TABLE["names"])
+    assert outside <= set(IMPORTED), f"names taken from outside the package: {sorted(outside - set(IMPORTED))}"
+    for origin in IMPORTED.values():
+        value = _resolve(origin, static=False)
+        assert _defined_outside_the_package(value), origin
+
+
 @pytest.mark.parametrize("name", sorted(TABLE["names"]))
 def test_name(name):
     original = TABLE["names"][name]
     try:
-        ours = original_cases.describe_name(_resolve(name))
+        value = _resolve(name)
+        ours = original_cases.describe_name(value)
     except (AttributeError, ImportError) as e:
-        ours = {"kind": "missing", "error": repr(e)}
+        value, ours = None, {"kind": "missing", "error": repr(e)}
     problem = None
-    if ours["kind"] != original["kind"]:
+    if name in IMPORTED and ours["kind"] != "missing":
+        if value is not _resolve(IMPORTED[name], static=False):
+            problem = f"{name} is not {IMPORTED[name]}, which the original imports"
+    elif ours["kind"] != original["kind"]:
         problem = f"{name} is a {ours['kind']}, the original's a {original['kind']}"
     elif original["kind"] == "value" and ours["type"] != original["type"]:
         problem = f"{name} is a {ours['type']}, the original's a {original['type']}"
