@@ -183,7 +183,8 @@ def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, n
     ``balance`` (the CPU, when the user left the worker count to us): ``num_workers`` only starts the run. The
     first ``PROBE_BATCHES`` batches measure decoding (CPU seconds per image, in the workers) and the model (the
     time the caller holds a batch, times torch's threads); the rest of the run gets the workers and torch threads
-    that ``split_cores`` chooses for them. torch's thread count is restored at the end.
+    that ``split_cores`` chooses for them (never more threads than torch had). torch's thread count is restored at
+    the end.
     """
     from torch.utils.data import DataLoader
 
@@ -206,7 +207,7 @@ def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, n
                 if encoded:
                     workers, model_threads = split_cores(decode_seconds / decoded,
                                                          model_seconds * threads / encoded, available_cores())
-                    torch.set_num_threads(model_threads)
+                    torch.set_num_threads(min(model_threads, threads))  # never more than torch was given
                 rest = batches(probe, len(paths), workers)  # its workers start now, while the model runs this one
             _report(paths, notes, failures)
             start = time.perf_counter()
