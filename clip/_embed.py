@@ -1,6 +1,7 @@
-"""The commands that run a model, ``clip classify`` and ``clip embed``: image listing and the worker-decoded image
-dataset. Their features must never differ from ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised
-(with ``--precision bf16``, the same under CPU autocast to bfloat16).
+"""The commands that run a model, ``clip classify`` and ``clip embed``: image listing, the worker-decoded image
+dataset and the split of the CPU cores between its workers and the model. Their features must never differ from
+``clip.load`` + ``encode_image``/``encode_text``, L2-normalised (with ``--precision bf16``, the same under CPU
+autocast to bfloat16).
 """
 import argparse
 import contextlib
