@@ -334,7 +334,8 @@ def run_accuracy(model_path: Path, folder: Path) -> float:
     real = skimage_photographs()
     sets = [("generated 12 MP photos", generated),
             ("scikit-image photographs, own size", [jpeg(p) for p in real.values()]),
-            ("scikit-image photographs, upscaled to 12 MP", [jpeg(p, twelve_megapixels(p.size)) for p in real.values()])]
+            ("scikit-image photographs, upscaled to 12 MP",
+             [jpeg(p, twelve_megapixels(p.size)) for p in real.values()])]
     rows = accuracy(model_path, sets)
     print("\n--fast-decode against the exact decoding (random weights: cosines and agreement show how far rows "
           "move, not what a trained model would say)")
