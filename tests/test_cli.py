@@ -1147,3 +1147,25 @@ def test_classify_takes_fast_decode_and_auto_orient(capsys, checkpoint, tmp_path
     assert code == 0, err
     first, second = json.loads(out)
     assert first["labels"] == second["labels"]
+
+
+def test_classify_of_many_images_decodes_in_workers_with_the_same_results(capsys, checkpoint, tmp_path, monkeypatch):
+    from clip import _embed
+
+    folder = _photo_folder(tmp_path / "photos")
+    labels = ["a dog", "a cat", "a bird"]
+    seen = []
+    batches = _embed.image_batches
+    monkeypatch.setattr(_embed, "image_batches", lambda *a, **k: seen.append(k) or batches(*a, **k))
+    results = {}
+    for size in ("2", "32"):  # 11 images: six batches, balanced, in workers; one batch, in this process
+        code, out, err = run(capsys, "classify", folder, "--labels", *labels, "-m", checkpoint, "--device", "cpu",
+                             "--json", "--batch-size", size)
+        assert code == 0, err
+        results[size] = json.loads(out)
+    assert [(k["num_workers"], k["balance"]) for k in seen] == [(1, True), (0, False)]
+    assert [r["image"] for r in results["2"]] == [r["image"] for r in results["32"]]
+    for many, one in zip(results["2"], results["32"]):
+        assert [e["label"] for e in many["labels"]] == [e["label"] for e in one["labels"]]
+        assert [e["probability"] for e in many["labels"]] == pytest.approx([e["probability"] for e in one["labels"]],
+                                                                            abs=1e-5)
