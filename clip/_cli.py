@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_options(classify, "no progress bar (shown on a terminal from 16 images on)")
     _add_model_options(classify)
     _add_precision_options(classify)
+    _add_decode_options(classify)
 
     embed = command("embed", _cmd_embed, "embed a folder of images or a text file into a .npy file",
                     "Write L2-normalised float32 features, one row per input, to OUTPUT (.npy) and the inputs in\n"
@@ -102,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                        help="inputs per forward pass (default: 256 on CUDA, 32 on the CPU)")
     embed.add_argument("--num-workers", type=_non_negative_int, default=None, metavar="N",
-                       help="image-decoding worker processes, which work ahead of the model (default: 1 on the "
-                            "CPU, where the model uses every core; on CUDA the CPUs available, at most 16; 0 "
-                            "decodes in the main process)")
+                       help="image-decoding worker processes, which work ahead of the model (default: on the "
+                            "CPU, chosen with torch's thread count from what the first batches measure; on CUDA "
+                            "the CPUs available, at most 16; 0 decodes in the main process)")
     embed.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                        help="process only the I-th of N equal slices of the inputs (0-based)")
     existing = embed.add_mutually_exclusive_group()
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_options(embed, "no progress bar (shown when stderr is a terminal)")
     _add_model_options(embed)
     _add_precision_options(embed)
+    _add_decode_options(embed)
 
     merge = command("merge", _cmd_merge, "join the shards of a sharded 'clip embed' run",
                     "Join OUTPUT.shard-I-of-N.npy/.txt, I = 0..N-1, into OUTPUT (.npy) and its .txt list, in\n"
@@ -140,6 +142,17 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
                              "fp32. On CUDA the model runs in the release's float16 either way")
     parser.add_argument("--force-precision", action="store_true",
                         help="run --precision bf16 even on a CPU without native bfloat16 (several times slower)")
+
+
+def _add_decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="decode JPEGs at a reduced size (1/2, 1/4 or 1/8, keeping both sides at least twice "
+                             "the model's input), then preprocess as usual: several times less decoding on large "
+                             "photos, features very close to the exact ones (see the README); other formats, and "
+                             "small JPEGs, are decoded in full. Default: the original's pixels exactly")
+    parser.add_argument("--auto-orient", action="store_true",
+                        help="turn each image as its EXIF orientation says, as a photo viewer shows it (default: the "
+                             "stored pixels, as the original embeds them)")
 
 
 def _add_cache_option(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,14 @@
 """The work of the commands that run a model, ``clip classify`` and ``clip embed``, once ``clip._cli`` has checked
-everything that needs no model: the worker-decoded image dataset, the encoding, the results. Their features must
-never differ from ``clip.load`` + ``encode_image``/``encode_text``, L2-normalised (with ``--precision bf16``, the
-same under CPU autocast to bfloat16).
+everything that needs no model: the worker-decoded image dataset, the split of the CPU cores between its workers
+and the model, the encoding, the results. Their features must never differ from ``clip.load`` +
+``encode_image``/``encode_text``, L2-normalised (with ``--precision bf16``, the same under CPU autocast to bfloat16).
 """
 import argparse
 import contextlib
 import json
 import os
 import sys
+import time
 import warnings
 from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence,
                     Tuple)
@@ -15,7 +16,7 @@ from typing import (Any, Callable, ContextManager, Dict, FrozenSet, Iterator, Li
 import numpy as np
 import torch
 
-from . import _outputs
+from . import _decode, _outputs
 from ._console import CLIError, json_safe, printable, progress_bar, warn
 from ._outputs import open_regular as _open_regular  # how ImageFiles opens an image: never blocking on a FIFO
 
@@ -50,27 +51,32 @@ def load_model(args: argparse.Namespace, checkpoint: str) -> Tuple[Any, Any, tor
 class ImageFiles:
     """A map-style dataset of preprocessed images; an unreadable image gives its error instead of a tensor.
 
-    Items are ``(index, tensor or None, error message or None, [warning messages])``, so a bad file is reported by
-    the main process and skipped, and never stops the run, and a warning the decoder gives (Pillow's
-    DecompressionBombWarning) is shown with the file's name.
+    Items are ``(index, tensor or None, error message or None, [warning messages], decoding CPU seconds)``, so a
+    bad file is reported by the main process and skipped, and never stops the run, a warning the decoder gives
+    (Pillow's DecompressionBombWarning) is shown with the file's name, and the run can weigh decoding against the
+    model (``split_cores``). ``n_px`` and ``auto_orient`` are ``_decode.open_image``'s (``--fast-decode`` passes
+    the model's input resolution as ``n_px``); without them, the original's pixels.
     """
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable):
+    def __init__(self, paths: Sequence[str], preprocess: Callable, *, n_px: Optional[int] = None,
+                 auto_orient: bool = False):
         self.paths = list(paths)
         self.preprocess = preprocess
+        self.n_px = n_px
+        self.auto_orient = auto_orient
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str], List[str]]:
-        from PIL import Image
-
+    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str], List[str], float]:
         path = self.paths[index]
         tensor, error, file = None, None, None
+        start = time.thread_time()  # this thread's CPU time: what the image cost, whatever else runs beside it
         # Entering catch_warnings also resets the once-per-place memory of warnings, so each image's own is seen.
         with warnings.catch_warnings(record=True) as caught:
             try:
-                with _open_regular(path) as file, Image.open(file) as image:
+                with _open_regular(path) as file, \
+                        _decode.open_image(file, self.n_px, auto_orient=self.auto_orient) as image:
                     tensor = self.preprocess(image)
             # The one place any error is caught: a decoder can raise almost anything on a damaged file (OSError,
             # SyntaxError, ValueError, struct.error, DecompressionBombError), and each one is reported, not hidden.
@@ -80,22 +86,22 @@ class ImageFiles:
                     text = text.replace(repr(file), repr(path))
                 error = f"{type(failure).__name__}: {printable(text)}"
         notes = [f"{type(note.message).__name__}: {printable(str(note.message))}" for note in caught]
-        return index, tensor, error, notes
+        return index, tensor, error, notes, time.thread_time() - start
 
 
-def _collate_readable(items: List[Tuple[int, Any, Optional[str], List[str]]]
-                      ) -> Tuple[List[int], Any, List[Tuple[int, str]], List[Tuple[int, str]]]:
+def _collate_readable(items: List[Tuple[int, Any, Optional[str], List[str], float]]
+                      ) -> Tuple[List[int], Any, List[Tuple[int, str]], List[Tuple[int, str]], float]:
     """Batch the readable images of ``items``: (their indices, stacked tensor or None, [(index, error)],
-    [(index, warning)]).
+    [(index, warning)], the CPU seconds their decoding took).
 
     In a worker process the batch is stacked straight into shared memory, as torch's default collate does, so that
     handing it to the main process copies nothing.
     """
     from torch.utils.data import get_worker_info
 
-    good = [(index, tensor) for index, tensor, _, _ in items if tensor is not None]
-    failures = [(index, error) for index, tensor, error, _ in items if tensor is None]
-    notes = [(index, note) for index, _, _, notes in items for note in notes]
+    good = [(index, tensor) for index, tensor, _, _, _ in items if tensor is not None]
+    failures = [(index, error) for index, tensor, error, _, _ in items if tensor is None]
+    notes = [(index, note) for index, _, _, notes, _ in items for note in notes]
     batch = None
     if good:
         tensors = [tensor for _, tensor in good]
@@ -103,24 +109,93 @@ def _collate_readable(items: List[Tuple[int, Any, Optional[str], List[str]]]
         if get_worker_info() is not None:
             out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
         batch = torch.stack(tensors, out=out)  # [batch, 3, n_px, n_px]
-    return [index for index, _ in good], batch, failures, notes
+    return [index for index, _ in good], batch, failures, notes, sum(item[4] for item in items)
+
+
+# How many batches a balanced run (``image_batches(balance=True)``) takes to measure before it splits the cores: the
+# model's time comes from the first (the second is in hand when the choice is made, so the new workers start
+# decoding while the model runs it, and the model never waits for their start).
+PROBE_BATCHES = 2
 
 
 def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, num_workers: int, *,
-                  pin_memory: bool = False) -> Iterator[Tuple[List[int], Optional[torch.Tensor], List[Tuple[int, str]]]]:
+                  pin_memory: bool = False, balance: bool = False, n_px: Optional[int] = None,
+                  auto_orient: bool = False
+                  ) -> Iterator[Tuple[List[int], Optional[torch.Tensor], List[Tuple[int, str]]]]:
     """Yield (indices, image batch or None, [(index, error)]) for ``paths``, decoded by ``num_workers`` processes
     that work ahead of the model (0: in this process). Each unreadable image, and each warning about an image, is
-    named in a warning line."""
+    named in a warning line. ``n_px`` and ``auto_orient``: as ``ImageFiles``.
+
+    ``balance`` (the CPU, when the user left the worker count to us): ``num_workers`` only starts the run. The
+    first ``PROBE_BATCHES`` batches measure decoding (CPU seconds per image, in the workers) and the model (the
+    time the caller holds a batch, times torch's threads); the rest of the run gets the workers and torch threads
+    that ``split_cores`` chooses for them (never more threads than torch had). torch's thread count is restored at
+    the end.
+    """
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate_readable, pin_memory=pin_memory)
-    for indices, batch, failures, notes in loader:
-        for index, note in notes:
-            warn(f"{printable(paths[index])}: {note}")
-        for index, error in failures:
-            warn(f"skipping {printable(paths[index])}: cannot read it as an image ({error})")
-        yield indices, batch, failures
+    dataset = ImageFiles(paths, preprocess, n_px=n_px, auto_orient=auto_orient)
+
+    def batches(start: int, stop: int, workers: int) -> Iterator:
+        # A range as the sampler: the same batches, in the same order, as one loader over all the paths would cut.
+        return iter(DataLoader(dataset, batch_size=batch_size, sampler=range(start, stop), num_workers=workers,
+                               collate_fn=_collate_readable, pin_memory=pin_memory))
+
+    probe = min(len(paths), PROBE_BATCHES * batch_size) if balance else len(paths)
+    threads = torch.get_num_threads()
+    decode_seconds, decoded, model_seconds, encoded = 0.0, 0, 0.0, 0
+    rest: Iterator = iter(())
+    try:
+        for number, (indices, batch, failures, notes, seconds) in enumerate(batches(0, probe, num_workers)):
+            decode_seconds, decoded = decode_seconds + seconds, decoded + len(indices) + len(failures)
+            if number == PROBE_BATCHES - 1 and probe < len(paths):
+                workers = num_workers
+                if encoded:
+                    workers, model_threads = split_cores(decode_seconds / decoded,
+                                                         model_seconds * threads / encoded, available_cores())
+                    torch.set_num_threads(min(model_threads, threads))  # never more than torch was given
+                rest = batches(probe, len(paths), workers)  # its workers start now, while the model runs this one
+            _report(paths, notes, failures)
+            start = time.perf_counter()
+            yield indices, batch, failures
+            if batch is not None:
+                model_seconds, encoded = model_seconds + time.perf_counter() - start, encoded + len(indices)
+        for indices, batch, failures, notes, _ in rest:
+            _report(paths, notes, failures)
+            yield indices, batch, failures
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _report(paths: Sequence[str], notes: List[Tuple[int, str]], failures: List[Tuple[int, str]]) -> None:
+    for index, note in notes:
+        warn(f"{printable(paths[index])}: {note}")
+    for index, error in failures:
+        warn(f"skipping {printable(paths[index])}: cannot read it as an image ({error})")
+
+
+def split_cores(decode_seconds: float, model_seconds: float, cores: int) -> Tuple[int, int]:
+    """(decoding worker processes, torch threads for the model) for ``cores`` CPU cores, from the CPU seconds
+    decoding and preprocessing take per image and the model's CPU seconds per image (its time x its threads).
+
+    The rule: giving ``w`` cores to ``w`` workers and the other ``cores - w`` to the model's threads runs at
+    ``min(w / decode, (cores - w) / model)`` images/s, with no core shared. Sharing (one worker decoding ahead of
+    a model on every core, which suits small images, whose decoding is a few percent of the work) runs at least
+    at ``1 / (decode + model / cores)``: each image's decoding at worst holds up the whole model, as a worker
+    that preempts one of the model's threads stalls the others at their next barrier. The fastest wins; sharing
+    on a tie, as it keeps the model's full width.
+    """
+    best_rate, best = 1 / (decode_seconds + model_seconds / cores), (1, cores)
+    for workers in range(1, cores):
+        rate = min(workers / decode_seconds if decode_seconds else float("inf"), (cores - workers) / model_seconds)
+        if rate > best_rate:
+            best_rate, best = rate, (workers, cores - workers)
+    return best
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def normalised(features: torch.Tensor) -> torch.Tensor:
@@ -135,10 +210,21 @@ def _show_progress(args: argparse.Namespace) -> Optional[bool]:
 
 def default_workers(device: torch.device) -> int:
     """Image-loading processes: on CUDA enough to keep the model fed (one decodes a fraction of what the model
-    eats); on the CPU the model already uses every core, and decoding costs about a tenth of its work, so one
-    process keeps ahead of it without taking cores from it."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(available, 16) if device.type == "cuda" else 1  # 16: past it, worker start-up outweighs the gain
+    eats); on the CPU one to start with, decoding ahead of a model on every core, until the first batches say how
+    to split the cores (``image_batches(balance=True)``)."""
+    return min(available_cores(), 16) if device.type == "cuda" else 1  # 16: past it, worker start-up outweighs the gain
+
+
+def decoding_options(args: argparse.Namespace, model: Any, device: torch.device, count: int,
+                     batch_size: int) -> Dict[str, Any]:
+    """``image_batches``' keywords for a command's ``count`` images: the workers (``--num-workers`` as given, else
+    ``default_workers``, balanced on the CPU; ``classify`` of one batch decodes in this process, as a worker's
+    start would cost more than it saves), ``--fast-decode`` (the model's input resolution) and ``--auto-orient``."""
+    workers = getattr(args, "num_workers", None)  # classify has no --num-workers
+    chosen = workers is None and (args.command == "embed" or count > batch_size)
+    return {"num_workers": default_workers(device) if chosen else (workers or 0),
+            "balance": chosen and device.type == "cpu",
+            "n_px": model.visual.input_resolution if args.fast_decode else None, "auto_orient": args.auto_orient}
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -244,7 +330,8 @@ def cmd_classify(args: argparse.Namespace, checkpoint: str, labels: Sequence[str
     with torch.inference_mode(), progress_bar(len(paths), "image", show) as bar:
         text_features = _text_features(model, device, labels, templates, cast)
         scale = model.logit_scale.exp().float()
-        for indices, batch, failures in image_batches(paths, preprocess, args.batch_size, num_workers=0):
+        decoding = decoding_options(args, model, device, len(paths), args.batch_size)
+        for indices, batch, failures in image_batches(paths, preprocess, args.batch_size, **decoding):
             errors.update(failures)
             if batch is not None:
                 with cast():
@@ -277,16 +364,16 @@ def cmd_classify(args: argparse.Namespace, checkpoint: str, labels: Sequence[str
 
 
 def _embed_images(model: Any, preprocess: Callable, device: torch.device, folder: str, names: Sequence[str],
-                  batch_size: int, workers: int, bar: Any,
+                  batch_size: int, decoding: Dict[str, Any], bar: Any,
                   cast: Callable[[], ContextManager] = contextlib.nullcontext
                   ) -> Tuple[np.ndarray, List[int], List[str]]:
     """(features of the readable images, their positions in ``names``, the first reasons an image was unreadable),
-    counted on ``bar`` as they are embedded."""
+    counted on ``bar`` as they are embedded; ``decoding``: ``image_batches``' keywords (``decoding_options``)."""
     features = np.empty((len(names), model.visual.output_dim), dtype=np.float32)  # filled in place: no concatenation
     done: List[int] = []
     reasons: List[str] = []
     paths = [os.path.join(folder, name) for name in names]
-    batches = image_batches(paths, preprocess, batch_size, workers, pin_memory=device.type == "cuda")
+    batches = image_batches(paths, preprocess, batch_size, pin_memory=device.type == "cuda", **decoding)
     for indices, batch, failures in batches:
         if batch is not None:
             with cast():
@@ -324,9 +411,9 @@ def cmd_embed(args: argparse.Namespace, checkpoint: str, kind: str, inputs: Sequ
     unit = kind[:-1]  # "image" or "text"
     with torch.inference_mode(), progress_bar(len(inputs), unit, _show_progress(args), description=label) as bar:
         if kind == "images":
-            workers = default_workers(device) if args.num_workers is None else args.num_workers
+            decoding = decoding_options(args, model, device, len(inputs), batch_size)
             features, positions, reasons = _embed_images(model, preprocess, device, args.input, inputs, batch_size,
-                                                         workers, bar, cast)
+                                                         decoding, bar, cast)
             rows = [inputs[i] for i in positions]
         else:
             features, rows = _embed_texts(model, device, inputs, batch_size, bar, cast), inputs

@@ -20,7 +20,7 @@ Record = Dict[str, Any]
 
 # The options of `clip embed` that change the rows it writes, by their argparse names: the record keeps their
 # values, and a finished output made with other values is not this run's. An option that changes rows joins here.
-ROW_OPTIONS = ("precision",)
+ROW_OPTIONS = ("precision", "fast_decode", "auto_orient")
 # What the first field of a record says, so that a JSON file of someone else's is never taken for one.
 RECORD_FORMAT = "clip embed record 1"
 # Fields of a record that say how the rows were computed, for information: they are not compared.
@@ -131,6 +131,10 @@ def differences(old: Record, new: Record, *, ignore: Sequence[str] = ()) -> List
     for field in sorted(set(old) | set(new)):
         if field in _INFORMATION or field in ignore or old.get(field) == new.get(field):
             continue
+        if field == "options" and isinstance(old.get(field), dict) and isinstance(new.get(field), dict):
+            changed = {key for key in set(old[field]) | set(new[field]) if old[field].get(key) != new[field].get(key)}
+            old, new = ({**record, field: {k: v for k, v in record[field].items() if k in changed}}
+                        for record in (old, new))  # name only the options that differ
         found.append(f"{field}: {_describe(old, field)} vs {_describe(new, field)}")
     return found
 

@@ -1,5 +1,6 @@
 """The original's entry points: ``_MODELS``, ``available_models``, ``load``, ``_download``, ``tokenize`` and
-``_transform``. ``load`` must never hash a verified cached file nor use TorchScript unless ``jit=True``.
+``_transform``, and ``open_image`` beside the preprocessing. ``load`` must never hash a verified cached file nor
+use TorchScript unless ``jit=True``.
 """
 import os
 from typing import Any, List, Optional, Tuple, Union
@@ -10,6 +11,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 
 from . import _cache, _registry
 from ._checkpoint import no_checkpoint_error
+from ._decode import open_image  # noqa: F401 (public: preprocess(open_image(path, n_px)) is clip embed --fast-decode)
 from ._layouts import read_state_dict
 from .model import CLIP, build_model, model_from_state_dict  # noqa: F401 (the original's import)
 from . import simple_tokenizer as _simple_tokenizer

@@ -1068,3 +1068,174 @@ def test_warnings_and_errors_about_an_image_name_it(capsys, checkpoint, folder, 
     assert (f"clip: warning: skipping {folder / 'junk.png'}: cannot read it as an image (UnidentifiedImageError: "
             f"cannot identify image file {str(folder / 'junk.png')!r})") in err
     assert "BufferedReader" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding: the worker split, --fast-decode, --auto-orient (issue 28; the decoding itself: tests/test_decode.py)
+
+MICRO = REPO / "tests" / "data" / "micro"
+
+
+def _photo_folder(root: pathlib.Path) -> pathlib.Path:
+    """Photo-like JPEGs big enough for a reduced decode at a 32-px input (baseline, progressive, CMYK, greyscale),
+    and a PNG, a GIF and a WebP as large, which are decoded in full either way."""
+    from test_decode import jpeg_bytes, photo
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i, size in enumerate([(300, 260), (600, 520), (260, 300), (400, 300)]):
+        (root / f"p{i}.jpg").write_bytes(jpeg_bytes(photo(size, seed=i)))
+    (root / "progressive.jpg").write_bytes(jpeg_bytes(photo((320, 280), seed=5), progressive=True))
+    (root / "cmyk.jpg").write_bytes(jpeg_bytes(photo((300, 300), seed=6).convert("CMYK")))
+    (root / "grey.jpeg").write_bytes(jpeg_bytes(photo((280, 300), seed=7).convert("L")))
+    (root / "small.jpg").write_bytes(jpeg_bytes(photo((100, 90), seed=8)))
+    photo((300, 260), seed=9).save(root / "big.png")
+    photo((300, 260), seed=10).save(root / "big.gif")
+    photo((300, 260), seed=11).save(root / "big.webp", quality=90)
+    return root
+
+
+NOT_REDUCED = {"small.jpg", "big.png", "big.gif", "big.webp"}
+
+
+def _by_batches(model, preprocess, paths, batch_size, threads):
+    """clip.load + preprocess + encode_image, normalised, batch by batch as the command cuts them; the i-th batch
+    under ``threads(i)`` torch threads."""
+    saved = torch.get_num_threads()
+    rows = []
+    try:
+        for number, start in enumerate(range(0, len(paths), batch_size)):
+            torch.set_num_threads(threads(number))
+            with torch.inference_mode():
+                batch = torch.stack([preprocess(Image.open(p)) for p in paths[start:start + batch_size]])
+                rows.append(torch.nn.functional.normalize(model.encode_image(batch).float(), dim=-1))
+    finally:
+        torch.set_num_threads(saved)
+    return torch.cat(rows).numpy()
+
+
+@pytest.mark.parametrize("micro", ["micro-vit.pt", "micro-rn.pt"])
+@pytest.mark.parametrize("split", [(1, 1), (2, 1), (1, 2), (3, 1)])
+def test_embed_is_the_model_bit_for_bit_whatever_the_worker_split(capsys, tmp_path, monkeypatch, micro, split):
+    """The split (forced here) changes the workers and the model's threads after the probe batches, never a bit
+    of a row: every row equals clip.load + encode_image run on the same batch with the same threads."""
+    from clip import _embed
+
+    folder = _photo_folder(tmp_path / "photos")
+    monkeypatch.setattr(_embed, "split_cores", lambda decode, model, cores: split)
+    threads = torch.get_num_threads()
+    code, _, err = run(capsys, "embed", folder, "-o", tmp_path / "f.npy", "-m", MICRO / micro, "--device", "cpu",
+                       "--batch-size", "2")
+    assert code == 0, err
+    rows = (tmp_path / "f.txt").read_text().splitlines()
+    assert rows == sorted(os.listdir(folder))
+    model, preprocess = clip.load(str(MICRO / micro), device="cpu")
+    chosen = _embed.PROBE_BATCHES - 1  # the split is chosen with this batch in hand, and applies to it
+    expected = _by_batches(model, preprocess, [folder / r for r in rows], 2,
+                           lambda number: threads if number < chosen else min(split[1], threads))
+    assert np.array_equal(np.load(tmp_path / "f.npy"), expected)
+    assert torch.get_num_threads() == threads
+
+
+def test_the_users_num_workers_wins_over_the_measured_split(capsys, checkpoint, reference, tmp_path, monkeypatch):
+    from clip import _embed
+
+    def fail(*args):
+        raise AssertionError("the split was measured although --num-workers was given")
+
+    monkeypatch.setattr(_embed, "split_cores", fail)
+    folder = _photo_folder(tmp_path / "photos")
+    for workers in ("0", "2"):
+        code, _, err = _embed_with(capsys, checkpoint, folder, tmp_path / f"w{workers}.npy", "--num-workers", workers)
+        assert code == 0, err
+
+
+def _embed_with(capsys, checkpoint, folder, output, *extra):
+    return run(capsys, "embed", folder, "-o", output, "-m", checkpoint, "--device", "cpu", "--batch-size", "3",
+               *extra)
+
+
+@pytest.mark.parametrize("micro", ["micro-vit.pt", "micro-rn.pt"])
+def test_fast_decode_rows_are_close_to_the_exact_ones_in_the_same_order(capsys, tmp_path, micro):
+    folder = _photo_folder(tmp_path / "photos")
+    # One fixed split for both runs: a measured one may give them different thread counts, and so last bits.
+    for name, flags in (("exact", []), ("fast", ["--fast-decode"])):
+        code, _, err = _embed_with(capsys, MICRO / micro, folder, tmp_path / f"{name}.npy", "--num-workers", "1",
+                                   *flags)
+        assert code == 0, err
+    rows = (tmp_path / "exact.txt").read_text().splitlines()
+    assert (tmp_path / "fast.txt").read_text().splitlines() == rows == sorted(os.listdir(folder))
+    exact, fast = np.load(tmp_path / "exact.npy"), np.load(tmp_path / "fast.npy")
+    cosines = np.sum(exact * fast, axis=1)
+    assert cosines.min() > 0.999, dict(zip(rows, cosines))
+    for row, name in enumerate(rows):
+        # Not reduced: the same pixels; reduced: other pixels (the reduction did happen).
+        assert np.array_equal(exact[row], fast[row]) == (name in NOT_REDUCED), name
+
+
+def test_fast_decode_rows_are_preprocess_of_open_image(capsys, checkpoint, reference, tmp_path):
+    """The command's --fast-decode is the documented function: preprocess(clip.clip.open_image(path, n_px))."""
+    folder = _photo_folder(tmp_path / "photos")
+    code, _, err = _embed_with(capsys, checkpoint, folder, tmp_path / "f.npy", "--fast-decode", "--num-workers", "0")
+    assert code == 0, err
+    model, preprocess = reference
+    rows = (tmp_path / "f.txt").read_text().splitlines()
+    with torch.no_grad():
+        features = model.encode_image(torch.stack([
+            preprocess(clip.clip.open_image(folder / r, model.visual.input_resolution)) for r in rows]))
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), torch.nn.functional.normalize(features).numpy(),
+                               atol=1e-5)
+
+
+def test_auto_orient_embeds_a_sideways_photo_as_its_upright_picture(capsys, checkpoint, tmp_path):
+    from test_decode import photo, rotated_with_exif
+
+    upright = photo((60, 40))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    upright.save(folder / "upright.png")
+    rotated_with_exif(upright, folder / "sideways.png")
+    for name, flags in (("stored", []), ("oriented", ["--auto-orient"]), ("fast", ["--auto-orient", "--fast-decode"])):
+        code, _, err = _embed_with(capsys, checkpoint, folder, tmp_path / f"{name}.npy", *flags)
+        assert code == 0, err
+        assert (tmp_path / f"{name}.txt").read_text().splitlines() == ["sideways.png", "upright.png"]
+    oriented = np.load(tmp_path / "oriented.npy")
+    assert np.array_equal(oriented[0], oriented[1])
+    assert np.array_equal(np.load(tmp_path / "fast.npy"), oriented)  # PNG: nothing to reduce
+    stored = np.load(tmp_path / "stored.npy")
+    assert np.array_equal(stored[1], oriented[1]) and not np.allclose(stored[0], stored[1], atol=1e-3)
+
+
+def test_classify_takes_fast_decode_and_auto_orient(capsys, checkpoint, tmp_path):
+    from test_decode import photo, rotated_with_exif
+
+    upright = photo((60, 40))
+    upright.save(tmp_path / "upright.png")
+    rotated_with_exif(upright, tmp_path / "sideways.png")
+    labels = ["a dog", "a cat", "a bird"]
+    code, out, err = run(capsys, "classify", tmp_path / "upright.png", tmp_path / "sideways.png", "--labels", *labels,
+                         "-m", checkpoint, "--device", "cpu", "--json", "--auto-orient", "--fast-decode")
+    assert code == 0, err
+    first, second = json.loads(out)
+    assert first["labels"] == second["labels"]
+
+
+def test_classify_of_many_images_decodes_in_workers_with_the_same_results(capsys, checkpoint, tmp_path, monkeypatch):
+    from clip import _embed
+
+    folder = _photo_folder(tmp_path / "photos")
+    labels = ["a dog", "a cat", "a bird"]
+    seen = []
+    batches = _embed.image_batches
+    monkeypatch.setattr(_embed, "image_batches", lambda *a, **k: seen.append(k) or batches(*a, **k))
+    results = {}
+    for size in ("2", "32"):  # 11 images: six batches, balanced, in workers; one batch, in this process
+        code, out, err = run(capsys, "classify", folder, "--labels", *labels, "-m", checkpoint, "--device", "cpu",
+                             "--json", "--batch-size", size)
+        assert code == 0, err
+        results[size] = json.loads(out)
+    assert [(k["num_workers"], k["balance"]) for k in seen] == [(1, True), (0, False)]
+    assert [r["image"] for r in results["2"]] == [r["image"] for r in results["32"]]
+    for many, one in zip(results["2"], results["32"]):
+        assert [e["label"] for e in many["labels"]] == [e["label"] for e in one["labels"]]
+        assert [e["probability"] for e in many["labels"]] == pytest.approx([e["probability"] for e in one["labels"]],
+                                                                            abs=1e-5)

@@ -355,3 +355,12 @@ def test_the_unsafe_character_rule_is_one_for_the_package_and_the_launcher():
     assert _console.UNSAFE_CHARACTERS is clip_dropin_launcher.UNSAFE_CHARACTERS
     assert clip_dropin_launcher.printable("a\nb\x1b\u2028") == "a\\x0ab\\x1b\\u2028"
     assert clip_dropin_launcher.printable("a\nb", keep_newlines=True) == "a\nb"
+
+
+def test_a_difference_in_options_names_only_the_options_that_differ():
+    from clip import _outputs
+
+    old = {"options": {"precision": "fp32", "fast_decode": False, "auto_orient": False}}
+    new = {"options": {"precision": "fp32", "fast_decode": True, "auto_orient": False}}
+    assert _outputs.differences(old, new) == ["options: --fast-decode False vs --fast-decode True"]
+    assert {"fast_decode", "auto_orient"} <= set(_outputs.ROW_OPTIONS)
