@@ -254,7 +254,8 @@ def attention_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     length = x.shape[0]
     if mask.device != x.device or mask.dtype != x.dtype:
-        causal = next((made for checked, made in _CHECKED_MASKS.get() if checked is mask), None)
+        checked_masks = () if torch.compiler.is_compiling() else _CHECKED_MASKS.get()  # (as in text_tower)
+        causal = next((made for checked, made in checked_masks if checked is mask), None)
         if causal is not None and causal.device == x.device and causal.dtype == x.dtype:
             mask = causal
         elif not _is_recording() and is_causal_mask(mask):
@@ -288,9 +289,11 @@ def text_tower(model: nn.Module, x: torch.Tensor, eot: torch.Tensor) -> torch.Te
     """``model._text_tower(x, eot)`` (embeddings ``[N, L, d_model]`` -> ``[N, d_model]`` at each row's end of text
     ``eot``), with rows run only up to their end of text where this module's conditions prove it the same."""
     masks = _checked_masks(model, x)
-    reset = _CHECKED_MASKS.set(masks or ())
+    if masks is None:  # recorded (compiled, exported, traced) or a mask that is not causal: each block sees to its own
+        return model._text_tower(x, eot)
+    reset = _CHECKED_MASKS.set(masks)  # never while compiling: torch 2.4's dynamo cannot trace a ContextVar
     try:
-        if masks is not None and x.shape[0] and _provably_the_same(model, masks):
+        if x.shape[0] and _provably_the_same(model, masks):
             return _grouped(model, x, eot)
         return model._text_tower(x, eot)
     finally:
