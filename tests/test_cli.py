@@ -469,7 +469,8 @@ def test_embed_folder(capsys, checkpoint, reference, folder, tmp_path):
     listing = rows[:2] + ["b.png", "broken.jpg"] + rows[3:]  # every input, the unreadable one included
     assert record["inputs"] == {"kind": "images", "count": 6, "sha256": _listing_sha256(listing)}
     assert record["checkpoint"] == "sha256:" + hashlib.sha256(pathlib.Path(checkpoint).read_bytes()).hexdigest()
-    assert (record["model"], record["shard"], record["options"]) == ("tiny.pt", None, {"precision": "fp32"})
+    assert (record["model"], record["shard"], record["options"]) == (
+        "tiny.pt", None, {"precision": "fp32", "fast_decode": False, "auto_orient": False})
 
 
 def test_embed_with_worker_processes(capsys, checkpoint, reference, folder, tmp_path):
