@@ -116,6 +116,7 @@ def _collate_readable(items: List[Tuple[int, Any, Optional[str], List[str], floa
 # model's time comes from the first (the second is in hand when the choice is made, so the new workers start
 # decoding while the model runs it, and the model never waits for their start).
 PROBE_BATCHES = 2
+MAX_WORKERS = 16  # decoding processes at most: past 16, their start-up outweighs what they add
 
 
 def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, num_workers: int, *,
@@ -151,8 +152,12 @@ def image_batches(paths: Sequence[str], preprocess: Callable, batch_size: int, n
             if number == PROBE_BATCHES - 1 and probe < len(paths):
                 workers = num_workers
                 if encoded:
+                    # The cores this run was given (torch's threads and its first workers), not every core
+                    # the machine has: OMP_NUM_THREADS or a container quota may have given it fewer.
+                    cores = min(available_cores(), threads + num_workers)
                     workers, model_threads = split_cores(decode_seconds / decoded,
-                                                         model_seconds * threads / encoded, available_cores())
+                                                         model_seconds * threads / encoded, cores)
+                    workers = min(workers, MAX_WORKERS)
                     torch.set_num_threads(min(model_threads, threads))  # never more than torch was given
                 rest = batches(probe, len(paths), workers)  # its workers start now, while the model runs this one
             _report(paths, notes, failures)
@@ -212,7 +217,7 @@ def default_workers(device: torch.device) -> int:
     """Image-loading processes: on CUDA enough to keep the model fed (one decodes a fraction of what the model
     eats); on the CPU one to start with, decoding ahead of a model on every core, until the first batches say how
     to split the cores (``image_batches(balance=True)``)."""
-    return min(available_cores(), 16) if device.type == "cuda" else 1  # 16: past it, worker start-up outweighs the gain
+    return min(available_cores(), MAX_WORKERS) if device.type == "cuda" else 1
 
 
 def decoding_options(args: argparse.Namespace, model: Any, device: torch.device, count: int,

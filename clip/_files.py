@@ -253,18 +253,19 @@ class Lock:
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _FLAGS, 0o666)
         except FileExistsError:
             return False
+        _HELD[self.path] = self  # before the marker names this process: another thread judging it sees it held
         try:
             if fcntl is not None:
                 with contextlib.suppress(OSError):  # blocking: a waiter looking at it lets go at once
                     fcntl.flock(descriptor, fcntl.LOCK_EX)
             os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode("utf-8"))
         except BaseException:
+            del _HELD[self.path]
             os.close(descriptor)
             with contextlib.suppress(OSError):
                 os.remove(self.path)
             raise
         self._descriptor = descriptor
-        _HELD[self.path] = self
         return True
 
     def _judge(self) -> Optional[tuple]:

@@ -242,9 +242,11 @@ def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequen
              (features_path, lambda f: np.save(f, features, allow_pickle=False))]
     path, written = features_path, []
     try:
+        _check_still_held(features_path)
         if os.path.lexists(features_path):
             os.remove(features_path)
         for path, write in steps:
+            _check_still_held(features_path)
             _files.write_atomically(path, write)
             written.append(path)
     except OSError as error:
@@ -285,18 +287,43 @@ def writing(features_path: str) -> Iterator[None]:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lock, stop), name="clip output lock", daemon=True)
     beat.start()
+    _WRITERS[os.path.abspath(features_path)] = lock
     try:
         yield
     finally:
+        _WRITERS.pop(os.path.abspath(features_path), None)
         stop.set()
         beat.join()
         lock.release()
 
 
+# The output locks this process holds, by features path: save_outputs checks, before each write, that its lock is
+# still its own (a run stopped for longer than STALE_AFTER may have been taken over by another).
+_WRITERS: Dict[str, "_files.Lock"] = {}
+
+
 def _heartbeat(lock: "_files.Lock", stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT):
-        with contextlib.suppress(OSError):  # a missed beat costs nothing until STALE_AFTER
+        try:
             lock.touch()
+        except OSError:  # a missed beat costs nothing until STALE_AFTER
+            pass
+        except _files.LockLost:  # taken over: save_outputs finds out before it writes, and says so
+            return
+
+
+def _check_still_held(features_path: str) -> None:
+    """``CLIError`` if the lock `writing` took for ``features_path`` is no longer this run's."""
+    lock = _WRITERS.get(os.path.abspath(features_path))
+    try:
+        if lock is not None:
+            lock.touch()
+    except _files.LockLost:
+        raise CLIError(f"another run took {printable(lock.path)} over while this one made no progress for "
+                       f"{STALE_AFTER} s (stopped or suspended?), so this one wrote nothing: let the other finish, "
+                       "then run the command again") from None
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,6 +432,10 @@ def merge(output: str, *, overwrite: bool = False) -> Optional[Tuple[int, int, s
         if not os.path.exists(list_path):
             raise CLIError(f"{printable(list_path)} is missing: rerun that shard with --overwrite")
         shard_features, shard_rows = _load_features(features_path), read_rows(list_path)
+        now = read_record(record_path(features_path))  # a run that rewrites the shard writes its record first
+        if now is None or now.get("shard") != f"{i}/{count}" or differences(record, now, ignore=("shard",)):
+            raise CLIError(f"{printable(features_path)} changed while it was merged (a run is writing that "
+                           "shard): merge again once it has finished")
         if len(shard_rows) != len(shard_features):
             raise CLIError(f"{printable(features_path)} has {len(shard_features)} rows but {printable(list_path)} "
                            f"lists {len(shard_rows)}: rerun that shard with --overwrite")

@@ -364,3 +364,74 @@ def test_a_difference_in_options_names_only_the_options_that_differ():
     new = {"options": {"precision": "fp32", "fast_decode": True, "auto_orient": False}}
     assert _outputs.differences(old, new) == ["options: --fast-decode False vs --fast-decode True"]
     assert {"fast_decode", "auto_orient"} <= set(_outputs.ROW_OPTIONS)
+
+
+def test_a_run_whose_output_lock_was_taken_over_writes_nothing_and_says_so(tmp_path, monkeypatch):
+    """A run stopped past the stale bound, whose lock another host's run cleared and took, must not write."""
+    import threading
+
+    import numpy as np
+    from clip import _outputs
+    from clip._console import CLIError
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    monkeypatch.setattr(_outputs, "HEARTBEAT", 0.05)
+    features, rows = tmp_path / "out.npy", tmp_path / "out.txt"
+    with _outputs.writing(str(features)):
+        lock = tmp_path / "out.lock"
+        lock.unlink()
+        lock.write_text("12345 another-host\n")  # the other run's marker, made after ours was cleared
+        time.sleep(0.3)  # heartbeats meet the lost lock
+        with pytest.raises(CLIError, match="took .*out.lock over"):
+            _outputs.save_outputs(str(features), str(rows), np.zeros((1, 4), np.float32), ["a"], {"format": "x"})
+    assert errors == [] and sorted(os.listdir(tmp_path)) == ["out.lock"]  # nothing written, the other's marker kept
+
+
+def test_merge_refuses_a_shard_rewritten_while_it_reads_it(tmp_path, monkeypatch):
+    import json
+
+    from clip import _outputs
+    from clip._console import CLIError
+
+    stem = tmp_path / "f"
+    for index in range(2):
+        record = {"format": _outputs.RECORD_FORMAT, "model": "m.pt", "checkpoint": "sha256:" + "0" * 64,
+                  "inputs": {"kind": "texts", "count": 2, "sha256": "ab" * 32}, "shard": f"{index}/2",
+                  "options": {"precision": "fp32"}, "computed": "float32 on cpu"}
+        features_path, list_path = _outputs.output_paths(str(stem) + ".npy", (index, 2))
+        _outputs.save_outputs(features_path, list_path, np.full((1, 4), index, np.float32), [f"t{index}"], record)
+    real = _outputs._load_features
+
+    def rewritten_meanwhile(path):  # another run rewrites shard 1 (another model) just as merge reads it
+        loaded = real(path)
+        if ".shard-1-" in path:
+            record_file = _outputs.record_path(path)
+            record = json.loads(open(record_file).read())
+            record["checkpoint"] = "sha256:" + "1" * 64
+            open(record_file, "w").write(json.dumps(record))
+        return loaded
+
+    monkeypatch.setattr(_outputs, "_load_features", rewritten_meanwhile)
+    with pytest.raises(CLIError, match="changed while it was merged"):
+        _outputs.merge(str(stem) + ".npy")
+    assert not (tmp_path / "f.npy").exists()
+
+
+def test_the_measured_split_takes_no_more_cores_than_the_run_was_given(monkeypatch):
+    import torch
+    from clip import _embed
+
+    monkeypatch.setattr(_embed, "available_cores", lambda: 64)
+    seen = []
+    real = _embed.split_cores
+    monkeypatch.setattr(_embed, "split_cores", lambda d, m, cores: seen.append(cores) or real(d, m, cores))
+    threads = torch.get_num_threads()
+    paths = [os.path.join(os.path.dirname(__file__), "data", "images", name)
+             for name in sorted(os.listdir(os.path.join(os.path.dirname(__file__), "data", "images")))
+             if name.lower().endswith((".png", ".jpg", ".jpeg"))][:3]
+    import clip.clip
+
+    batches = list(_embed.image_batches(paths * 4, clip.clip._transform(32), 2, 0, balance=True))
+    assert sum(len(indices) for indices, _, _ in batches) == len(paths) * 4
+    assert seen == [min(64, threads + 0)] and _embed.split_cores(0.05, 0.01, 64)[0] > _embed.MAX_WORKERS
