@@ -232,8 +232,8 @@ def save_outputs(features_path: str, list_path: str, features: Any, rows: Sequen
 
     An old .npy file goes first, so that the outputs never look finished before all new files are in place, and
     the record next, so that whatever a killed run leaves is known for its own by the rerun. A write that fails (a
-    full disk, a quota, a file-size limit) leaves none of the three behind, so the rerun starts afresh, and raises
-    ``CLIError`` naming the file and the cause.
+    full disk, a quota, a file-size limit) leaves none of the new files behind and no finished-looking output (the
+    old .npy is gone), so the rerun recomputes, and raises ``CLIError`` naming the file and the cause.
     """
     import numpy as np
 
