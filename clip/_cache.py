@@ -24,7 +24,7 @@ from ._errors import CacheFolderError, DownloadError
 from ._files import PathLike, write_atomically
 
 __all__ = ["CacheCheck", "CacheFolderError", "DownloadError", "cache_dir", "cached_path", "check_file", "download",
-           "sha256_from_url", "verify_cache", "write_atomically"]
+           "sha256_from_url", "verify_cache"]
 
 RECORD_MAX_BYTES = 1 << 16  # a record is about 150 bytes; a bigger "record" is not ours and is not read
 RECORD_SUFFIX = ".sha256.json"
